@@ -1,0 +1,254 @@
+"""The Wan2.2 DiT over a packed multi-source token sequence; parameter names equal diffusers'.
+
+Single-device code. Sequence parallelism reaches it only through `self.sequence`
+(shard after embedding, the self-attention call, gather before the head), which is the
+identity `LocalSequence` unless bernini.parallel installs another.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bernini.attention import attention
+from bernini.models.rope import apply_rope
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """The fields of diffusers' WanTransformer3DModel config.json that this model uses."""
+
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    num_attention_heads: int = 40
+    attention_head_dim: int = 128
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    ffn_dim: int = 13824
+    num_layers: int = 40
+    cross_attn_norm: bool = True
+    qk_norm: str | None = "rms_norm_across_heads"
+    eps: float = 1e-6
+    image_dim: int | None = None
+    added_kv_proj_dim: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TransformerConfig":
+        known = {f.name for f in fields(cls)}
+        cfg = cls(**{k: (tuple(v) if k == "patch_size" else v) for k, v in data.items() if k in known})
+        if cfg.image_dim is not None or cfg.added_kv_proj_dim is not None:
+            raise ValueError("image-conditioned (I2V) Wan transformers are not Bernini-R experts")
+        if cfg.qk_norm != "rms_norm_across_heads" or not cfg.cross_attn_norm:
+            raise ValueError(f"unsupported transformer config: qk_norm={cfg.qk_norm}, cross_attn_norm={cfg.cross_attn_norm}")
+        return cfg
+
+    @property
+    def dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def patch_features(self) -> int:
+        return self.in_channels * math.prod(self.patch_size)
+
+
+class LocalSequence:
+    """Single-device sequence hooks; bernini.parallel swaps in Ulysses with the same methods."""
+
+    def shard(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 (diffusers' FP32LayerNorm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+class MLP(nn.Module):
+    """linear_1 -> act -> linear_2 (diffusers' TimestepEmbedding / PixArtAlphaTextProjection names)."""
+
+    def __init__(self, d_in: int, d_out: int, act: nn.Module):
+        super().__init__()
+        self.linear_1 = nn.Linear(d_in, d_out)
+        self.act = act
+        self.linear_2 = nn.Linear(d_out, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class ConditionEmbedder(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.freq_dim = cfg.freq_dim
+        self.time_embedder = MLP(cfg.freq_dim, cfg.dim, nn.SiLU())
+        self.act_fn = nn.SiLU()
+        self.time_proj = nn.Linear(cfg.dim, 6 * cfg.dim)
+        self.text_embedder = MLP(cfg.text_dim, cfg.dim, nn.GELU(approximate="tanh"))
+
+    def timestep_features(self, t: torch.Tensor) -> torch.Tensor:
+        """Sinusoidal features [B, freq_dim], cos half first."""
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def time(self, t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """temb [B, dim] and the block modulation [B, 6, dim]."""
+        feats = self.timestep_features(t).to(self.time_embedder.linear_1.weight.dtype)
+        temb = self.time_embedder(feats).to(dtype)
+        return temb, self.time_proj(self.act_fn(temb)).unflatten(1, (6, -1))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, eps: float):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+
+    def heads_of(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(2, (self.heads, -1))
+
+    def key_value(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.heads_of(self.norm_k(self.to_k(context))), self.heads_of(self.to_v(context))
+
+    def self_attend(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], sequence: LocalSequence) -> torch.Tensor:
+        q = self.heads_of(self.norm_q(self.to_q(x)))
+        k, v = self.key_value(x)
+        out = sequence.attend(q, k, v, *rope).flatten(2).type_as(q)
+        return self.to_out[0](out)
+
+    def cross_attend(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        q = self.heads_of(self.norm_q(self.to_q(x)))
+        k, v = kv
+        if k.shape[0] != q.shape[0]:
+            k, v = k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)
+        out = attention(q, k, v).flatten(2).type_as(q)
+        return self.to_out[0](out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        proj = nn.Module()
+        proj.proj = nn.Linear(dim, inner)
+        self.net = nn.ModuleList([proj, nn.Dropout(0.0), nn.Linear(inner, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        dim = cfg.dim
+        self.norm1 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.attn1 = Attention(dim, cfg.num_attention_heads, cfg.eps)
+        self.attn2 = Attention(dim, cfg.num_attention_heads, cfg.eps)
+        self.norm2 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=True)
+        self.ffn = FeedForward(dim, cfg.ffn_dim)
+        self.norm3 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.scale_shift_table = nn.Parameter(torch.empty(1, 6, dim))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        modulation: torch.Tensor,
+        text_kv: tuple[torch.Tensor, torch.Tensor],
+        rope: tuple[torch.Tensor, torch.Tensor],
+        sequence: LocalSequence,
+    ) -> torch.Tensor:
+        """x: [B, L, dim]; modulation: [B, 6, dim]; text_kv: this block's cross-attention K/V."""
+        shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + modulation.float()).chunk(6, dim=1)
+        h = (self.norm1(x.float()) * (1 + scale) + shift).type_as(x)
+        x = (x.float() + self.attn1.self_attend(h, rope, sequence) * gate).type_as(x)
+        h = self.norm2(x.float()).type_as(x)
+        x = x + self.attn2.cross_attend(h, text_kv)
+        h = (self.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
+        return (x.float() + self.ffn(h).float() * c_gate).type_as(x)
+
+
+TextKV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class WanTransformer(nn.Module):
+    """One Bernini-R expert. Tokens in, per-token patch predictions [B, L, C*pt*ph*pw] out."""
+
+    # Parameters whose dotted name has one of these parts stay float32 (as diffusers keeps them).
+    keep_fp32 = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.sequence: LocalSequence = LocalSequence()
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.condition_embedder = ConditionEmbedder(cfg)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
+        self.norm_out = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.proj_out = nn.Linear(cfg.dim, cfg.out_channels * math.prod(cfg.patch_size))
+        self.scale_shift_table = nn.Parameter(torch.empty(1, 2, cfg.dim))
+
+    def embed(self, packed: torch.Tensor) -> torch.Tensor:
+        """Patch-embed packed patches [B, L, (pt ph pw c)] -> tokens [B, L, dim].
+
+        Equal to the Conv3d with kernel = stride = patch size, applied per patch.
+        """
+        w = self.patch_embedding.weight  # [dim, c, pt, ph, pw]
+        w = w.permute(0, 2, 3, 4, 1).reshape(w.shape[0], -1)
+        return F.linear(packed.to(w.dtype), w, self.patch_embedding.bias)
+
+    def encode_text(self, text: torch.Tensor) -> TextKV:
+        """Cross-attention K/V of every block for text embeddings [B, 512, text_dim]; once per case."""
+        context = self.condition_embedder.text_embedder(text.to(self.proj_out.weight.dtype))
+        return [block.attn2.key_value(context) for block in self.blocks]
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        timestep: torch.Tensor,
+        text_kv: TextKV,
+        rope: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """tokens: [B, L, dim]; timestep: [B]; rope: cos/sin [L, head_dim/2] -> [B, L, patch_features]."""
+        temb, modulation = self.condition_embedder.time(timestep, text_kv[0][0].dtype)
+        x = self.sequence.shard(tokens)
+        for block, kv in zip(self.blocks, text_kv, strict=True):
+            x = block(x, modulation, kv, rope, self.sequence)
+        shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
+        x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
+        return self.sequence.gather(self.proj_out(x))
+
+
+def patchify(latent: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
+    """[B, C, T, H, W] -> packed [B, (T/pt)(H/ph)(W/pw), pt*ph*pw*C] in (t h w)(pt ph pw c) order."""
+    b, c, t, h, w = latent.shape
+    pt, ph, pw = patch
+    x = latent.reshape(b, c, t // pt, pt, h // ph, ph, w // pw, pw)
+    return x.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(b, (t // pt) * (h // ph) * (w // pw), pt * ph * pw * c)
+
+
+def unpatchify(packed: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int]) -> torch.Tensor:
+    """Inverse of patchify: packed [B, L, pt*ph*pw*C] on token grid (T', H', W') -> [B, C, T, H, W]."""
+    b = packed.shape[0]
+    (t, h, w), (pt, ph, pw) = grid, patch
+    x = packed.reshape(b, t, h, w, pt, ph, pw, -1)
+    return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, -1, t * pt, h * ph, w * pw)
