@@ -113,8 +113,19 @@ def current_backend() -> str:
     return str(_state["name"])
 
 
+@torch.library.custom_op("bernini::flash_attention", mutates_args=())
+def _kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # An opaque op: torch.compile keeps the block in one graph around a kernel it cannot trace.
+    return _state["fn"](q, k, v).contiguous()  # type: ignore[operator]
+
+
+@_kernel.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Full bidirectional attention. q: [B, Lq, H, D], k/v: [B, Lk, H, D] -> [B, Lq, H, D]."""
-    if _state["name"] != "sdpa" and (q.device.type != "cuda" or q.dtype == torch.float32):
+    if _state["name"] == "sdpa" or q.device.type != "cuda" or q.dtype == torch.float32:
         return _sdpa(q, k, v)  # the flash kernels take CUDA half types only; the rest goes to SDPA
-    return _state["fn"](q, k, v)  # type: ignore[operator]
+    return _kernel(q, k, v)

@@ -12,13 +12,21 @@ from contextlib import closing, suppress
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-import av
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+try:
+    import av
+except ImportError:  # sizing rules and images still work; video I/O explains what to install
+    av = None
+
+if TYPE_CHECKING:
+    from av.container import InputContainer
+    from av.video.stream import VideoStream
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +43,11 @@ _FPS_MAX_DENOMINATOR = 1001
 _URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.\-]*://")
 
 PathLike = str | os.PathLike[str]
-InputContainer = av.container.InputContainer
-VideoStream = av.video.stream.VideoStream
+
+
+def require_av() -> None:
+    if av is None:
+        raise MediaError("video input/output needs PyAV: pip install av")
 
 
 class MediaError(ValueError):
@@ -219,6 +230,7 @@ def probe_video(path: PathLike) -> VideoInfo:
 
 def open_container(file: Path) -> InputContainer:
     """Open a file with PyAV, turning demuxer failures into MediaError."""
+    require_av()
     try:
         return av.open(str(file), mode="r", metadata_errors="replace")
     except av.error.FFmpegError as exc:
@@ -541,6 +553,7 @@ def make_video_frame(rgb: np.ndarray) -> av.VideoFrame:
 
 def encode_mp4(pixels: np.ndarray, file: Path, fps: float) -> None:
     """Encode uint8 [T, H, W, 3] frames to H.264 (libx264, yuv420p, crf 8) at `fps`."""
+    require_av()
     rate = Fraction(fps).limit_denominator(_FPS_MAX_DENOMINATOR)
     with av.open(str(file), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=rate, options={"crf": str(OUTPUT_CRF)})

@@ -63,3 +63,22 @@ def test_patchify_roundtrip_and_conv_equivalence(pair) -> None:
     with torch.no_grad():
         conv = ours.patch_embedding(latent).flatten(2).transpose(1, 2)
         torch.testing.assert_close(ours.embed(packed), conv, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_blocks_equal_eager(pair) -> None:
+    import copy
+
+    from bernini.models.transformer import compile_blocks
+
+    _, ours = pair
+    compiled = copy.deepcopy(ours)
+    compile_blocks(compiled)
+    g = torch.Generator().manual_seed(3)
+    packed = torch.randn(1, 2 * 2 * 3, 64, generator=g)
+    text = torch.randn(1, 7, 32, generator=g)
+    cos, sin = rope_tables([(2, 2, 3)], [0.0], 24, "cpu")
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        eager = ours(ours.embed(packed), t, ours.encode_text(text), (cos, sin))
+        fast = compiled(compiled.embed(packed), t, compiled.encode_text(text), (cos, sin))
+    torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-5)

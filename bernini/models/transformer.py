@@ -238,6 +238,16 @@ class WanTransformer(nn.Module):
         return self.sequence.gather(self.proj_out(x))
 
 
+def compile_blocks(model: WanTransformer) -> None:
+    """Regional torch.compile: every block shares one compiled graph per sequence length."""
+    import torch._dynamo
+
+    # One graph per (length, batch) bucket; a batch of cases of many sizes must not fall back to eager.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for block in model.blocks:
+        block.compile(dynamic=False)
+
+
 def patchify(latent: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
     """[B, C, T, H, W] -> packed [B, (T/pt)(H/ph)(W/pw), pt*ph*pw*C] in (t h w)(pt ph pw c) order."""
     b, c, t, h, w = latent.shape

@@ -1,0 +1,308 @@
+"""Case files -> validated Case objects: keys, types, task inputs, path resolution, batches, outputs."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from bernini.guidance import GUIDANCE_MODES, get_mode
+from bernini.tasks import TASKS, Task, get_task
+
+log = logging.getLogger(__name__)
+
+CASE_KEYS = ("task_type", "guidance_mode", "prompt", "video", "image", "images", "output")
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.\-]*://")
+
+
+class CaseError(ValueError):
+    """A case that cannot run; the message names the case, the key and the rule."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One render: routing, prompt and media (absolute paths) and where the result goes."""
+
+    name: str  # unique within a batch; used for default output names and the summary
+    source: str  # the case file (or '<command line>', 'inputs.jsonl:3')
+    task_type: str
+    prompt: str
+    guidance_mode: str | None = None  # None: the task's default (or --guidance_mode)
+    videos: tuple[Path, ...] = ()
+    image: Path | None = None
+    images: tuple[Path, ...] = ()
+    output: Path | None = None
+    explicit_output: bool = False
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def task(self) -> Task:
+        return TASKS[self.task_type]
+
+    def media(self) -> list[Path]:
+        return [*self.videos, *([self.image] if self.image else []), *self.images]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "task_type": self.task_type,
+            "guidance_mode": self.guidance_mode,
+            "prompt": self.prompt,
+            "video": [str(p) for p in self.videos],
+            "image": str(self.image) if self.image else None,
+            "images": [str(p) for p in self.images],
+            "output": str(self.output) if self.output else None,
+        }
+
+
+def _fail(source: str, key: str | None, rule: str) -> CaseError:
+    where = f"{source}: key {key!r}: " if key else f"{source}: "
+    return CaseError(where + rule)
+
+
+def _resolve_media(value: str, source: str, key: str, base: Path | None) -> Path:
+    if _URL.match(value):
+        raise _fail(source, key, f"{value!r} is a URL; URLs are not accepted, download the file and give its path")
+    path = Path(os.path.expanduser(value))
+    candidates = [path] if path.is_absolute() else ([base / path] if base else []) + [Path.cwd() / path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    tried = ", ".join(str(c) for c in candidates)
+    raise _fail(source, key, f"file {value!r} not found (looked at: {tried}); paths are relative to the case file's folder, then the working directory")
+
+
+def _string_list(value: Any, source: str, key: str, allow_single: bool) -> list[str]:
+    if isinstance(value, str) and allow_single:
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) and v for v in value):
+        return list(value)
+    kind = "a path or a list of paths" if allow_single else "a list of paths"
+    raise _fail(source, key, f"must be {kind} (non-empty strings), got {json.dumps(value)[:80]}")
+
+
+def parse_case(
+    data: Any, *, source: str, name: str, base: Path | None, defaults: Mapping[str, Any] | None = None
+) -> Case:
+    """Validate one case dict (a case file's object, or a task of --inputs) against the task table.
+
+    `defaults` holds the command-line values (task_type, prompt, video...) that the case's keys
+    override, as the official CLI does.
+    """
+    if not isinstance(data, dict):
+        raise _fail(source, None, f"a case must be a JSON object, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(CASE_KEYS))
+    if unknown:
+        raise _fail(source, unknown[0], f"unknown key; allowed keys: {', '.join(CASE_KEYS)} (generation settings such as seed or num_frames are command-line flags)")
+    merged = {**{k: v for k, v in (defaults or {}).items() if v is not None}, **data}
+    prompt = merged.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise _fail(source, "prompt", "required: a non-empty string")
+    task_type = merged.get("task_type", "v2v")
+    if not isinstance(task_type, str):
+        raise _fail(source, "task_type", "must be a string")
+    try:
+        task = get_task(task_type)
+    except ValueError as exc:
+        raise _fail(source, "task_type", str(exc)) from None
+    mode = merged.get("guidance_mode")
+    if mode is not None:
+        if not isinstance(mode, str):
+            raise _fail(source, "guidance_mode", "must be a string")
+        try:
+            get_mode(mode)
+        except ValueError as exc:
+            raise _fail(source, "guidance_mode", str(exc)) from None
+    # Media from the case file resolve against its folder; command-line media against the cwd.
+    def base_for(key: str) -> Path | None:
+        return base if key in data else None
+
+    videos = [_resolve_media(v, source, "video", base_for("video")) for v in _string_list(merged["video"], source, "video", True)] if merged.get("video") is not None else []
+    image = None
+    if merged.get("image") is not None:
+        if not isinstance(merged["image"], str) or not merged["image"]:
+            raise _fail(source, "image", "must be a path string")
+        image = _resolve_media(merged["image"], source, "image", base_for("image"))
+    images = [_resolve_media(v, source, "images", base_for("images")) for v in _string_list(merged["images"], source, "images", False)] if merged.get("images") is not None else []
+    _check_counts(task, source, len(videos), image is not None, len(images))
+    output = merged.get("output")
+    if output is not None and (not isinstance(output, str) or not output):
+        raise _fail(source, "output", "must be a path string")
+    return Case(
+        name=name,
+        source=source,
+        task_type=task_type,
+        prompt=prompt,
+        guidance_mode=mode,
+        videos=tuple(videos),
+        image=image,
+        images=tuple(images),
+        output=Path(output) if output else None,
+        explicit_output="output" in data,
+        raw=dict(data),
+    )
+
+
+def _check_counts(task: Task, source: str, videos: int, image: bool, images: int) -> None:
+    lo, hi = task.videos
+    if not lo <= videos <= hi:
+        need = f"exactly {lo}" if lo == hi else f"{lo} to {hi}"
+        raise _fail(source, "video", f"task {task.name!r} takes {need} video(s), got {videos}")
+    if image and not task.image:
+        raise _fail(source, "image", f"task {task.name!r} takes no single source image (use 'images' for references)")
+    if task.image and not image and task.name == "i2i":
+        raise _fail(source, "image", "task 'i2i' needs the source image under 'image'")
+    lo, hi = task.images
+    if not lo <= images <= hi:
+        raise _fail(source, "images", f"task {task.name!r} takes {lo} to {hi} reference image(s), got {images}")
+
+
+def load_case_file(path: Path, *, name: str | None = None, defaults: Mapping[str, Any] | None = None) -> Case:
+    source = str(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CaseError(f"{source}: case file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CaseError(f"{source}: not valid JSON ({exc})") from None
+    return parse_case(data, source=source, name=name or path.stem, base=path.parent.resolve(), defaults=defaults)
+
+
+def find_case_files(spec: str) -> list[Path]:
+    """A case file, a folder of case files (recursive, sorted), or a glob."""
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.json") if p.is_file())
+        if not files:
+            raise CaseError(f"{spec}: folder holds no *.json case files")
+        return files
+    if path.is_file():
+        return [path]
+    if any(ch in spec for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+        if not files:
+            raise CaseError(f"{spec}: glob matches no files")
+        return files
+    raise CaseError(f"{spec}: no such case file or folder")
+
+
+def load_inputs(path: Path, defaults: Mapping[str, Any]) -> list[tuple[Any, str]]:
+    """--inputs: a JSON list of case objects, or JSONL (one per line) -> [(object, source)]."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CaseError(f"{path}: --inputs file not found") from None
+    if path.suffix == ".jsonl":
+        items = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    items.append((json.loads(line), f"{path}:{n}"))
+                except json.JSONDecodeError as exc:
+                    raise CaseError(f"{path}:{n}: not valid JSON ({exc})") from None
+        return items
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CaseError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, list):
+        raise CaseError(f"{path}: --inputs must hold a JSON list of case objects (or use .jsonl)")
+    return [(item, f"{path}[{i}]") for i, item in enumerate(data)]
+
+
+def _unique_names(paths: Sequence[Path]) -> list[str]:
+    """Case names from file stems; where stems repeat, the path below the common folder."""
+    stems = [p.stem for p in paths]
+    if len(set(stems)) == len(stems):
+        return stems
+    root = Path(os.path.commonpath([str(p.resolve().parent) for p in paths]))
+    return [str(p.resolve().with_suffix("").relative_to(root)) for p in paths]
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """Where cases come from (the input flags of the CLI)."""
+
+    case: Sequence[str] = ()
+    inputs: str | None = None
+    cli_case: Mapping[str, Any] = field(default_factory=dict)  # --prompt/--task_type/--video/... values
+    output: str | None = None  # --output when given explicitly
+    output_dir: str = "outputs"
+
+
+def collect_cases(spec: BatchSpec) -> tuple[list[Case], list[tuple[str, str]]]:
+    """All cases of a batch -> (valid cases, [(source, error)]); outputs assigned and checked unique."""
+    if spec.case and spec.inputs:
+        raise CaseError("--case and --inputs cannot be combined; pick one source of cases")
+    errors: list[tuple[str, str]] = []
+    cases: list[Case] = []
+
+    def attempt(fn, source: str) -> None:
+        try:
+            cases.append(fn())
+        except CaseError as exc:
+            errors.append((source, str(exc)))
+
+    if spec.case:
+        files = [f for s in spec.case for f in find_case_files(s)]
+        for path, name in zip(files, _unique_names(files), strict=True):
+            attempt(lambda: load_case_file(path, name=name, defaults=spec.cli_case), str(path))
+    elif spec.inputs:
+        items = load_inputs(Path(spec.inputs), spec.cli_case)
+        width = len(str(len(items)))
+        for i, (item, source) in enumerate(items):
+            name = f"{Path(spec.inputs).stem}_{i:0{width}d}"
+            attempt(lambda: parse_case(item, source=source, name=name, base=Path(spec.inputs).parent.resolve(), defaults=spec.cli_case), source)
+    else:
+        attempt(lambda: parse_case({}, source="<command line>", name="output", base=None, defaults=spec.cli_case), "<command line>")
+    cases = assign_outputs(cases, spec, errors)
+    return cases, errors
+
+
+def _suffix_for(case: Case) -> str:
+    return ".png" if case.task.single_frame else ".mp4"
+
+
+def assign_outputs(cases: list[Case], spec: BatchSpec, errors: list[tuple[str, str]]) -> list[Case]:
+    """Every case gets an output path of the right kind; collisions are errors, not overwrites."""
+    resolved: list[Case] = []
+    for case in cases:
+        if case.output is not None and case.explicit_output:
+            out = case.output
+        elif spec.output and len(cases) == 1:
+            out = Path(spec.output)
+        else:
+            out = Path(spec.output_dir) / f"{case.name}{_suffix_for(case)}"
+        if case.task.single_frame and out.suffix.lower() != ".png":
+            log.info("%s: task %s renders one frame; writing %s", case.source, case.task_type, out.with_suffix(".png"))
+            out = out.with_suffix(".png")
+        if not case.task.single_frame and out.suffix.lower() == ".png":
+            errors.append((case.source, f"{case.source}: key 'output': {out} is a .png but task {case.task_type!r} renders a video; use .mp4"))
+            continue
+        resolved.append(replace(case, output=out.resolve()))
+    seen: dict[Path, Case] = {}
+    unique: list[Case] = []
+    for case in resolved:
+        if case.output in seen:
+            other = seen[case.output]
+            errors.append((case.source, f"{case.source}: key 'output': {case.output} is also the output of {other.source}; give each case its own output"))
+            continue
+        seen[case.output] = case
+        unique.append(case)
+    return unique
+
+
+def resolve_mode(case: Case, cli_mode: str | None) -> str:
+    """Case file first, then --guidance_mode, then the task's default (upstream: always rv2v)."""
+    return case.guidance_mode or cli_mode or case.task.default_mode
+
+
+def modes() -> Iterable[str]:
+    return GUIDANCE_MODES.keys()

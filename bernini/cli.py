@@ -1,0 +1,183 @@
+"""The command line: the official flags (and their old names) plus ours; argv -> configs and cases."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bernini.cases import BatchSpec, CaseError, collect_cases
+from bernini.config import DEFAULT_CONFIG_DIR, GenerationSettings, RuntimeConfig
+from bernini.guidance import GUIDANCE_MODES, PLANNER_ONLY_MODES
+from bernini.runner import BatchOptions
+from bernini.tasks import DEFAULT_NEG_PROMPT
+
+log = logging.getLogger(__name__)
+_D = GenerationSettings()
+
+
+def build_parser(prog: str, multi_gpu: bool = False) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Render Bernini-R cases (see README.md).")
+    m = p.add_argument_group("model")
+    m.add_argument("--config", default=DEFAULT_CONFIG_DIR, help="config folder, a Bernini-R-Diffusers folder, or a hub id")
+    m.add_argument("--high_noise_ckpt", help="separate high-noise expert: folder, index.json or hub id")
+    m.add_argument("--low_noise_ckpt", help="separate low-noise expert: folder, index.json or hub id")
+    m.add_argument("--use_unipc", action=argparse.BooleanOptionalAction, default=True)
+    m.add_argument("--use_src_tgt_id", action=argparse.BooleanOptionalAction, default=True)
+    m.add_argument("--interpolate_src_id", action=argparse.BooleanOptionalAction, default=True)
+    m.add_argument("--max_trained_src_id", type=int, default=_D.max_trained_src_id)
+
+    i = p.add_argument_group("inputs")
+    i.add_argument("--case", nargs="+", help="case file(s), folder(s) of case files (recursive) or glob(s)")
+    i.add_argument("--inputs", help="JSON list or .jsonl of case objects")
+    i.add_argument("--prompt")
+    i.add_argument("--task_type", help="default v2v (as upstream) when neither case nor flag sets it")
+    i.add_argument("--video", nargs="+")
+    i.add_argument("--image")
+    i.add_argument("--images", nargs="+")
+    i.add_argument("--output", help="output path for a single case (default outputs/<case name>.mp4|.png)")
+    i.add_argument("--output_dir", default="outputs", help="folder for outputs of cases that name none")
+
+    g = p.add_argument_group("generation")
+    g.add_argument("--neg_prompt", default=DEFAULT_NEG_PROMPT)
+    g.add_argument("--system_prompt", default="", help="override the task's system prompt")
+    g.add_argument("--num_frames", type=int, default=_D.num_frames)
+    g.add_argument("--max_image_size", type=int, default=_D.max_image_size)
+    g.add_argument("--height", type=int, default=_D.height)
+    g.add_argument("--width", type=int, default=_D.width)
+    g.add_argument("--num_inference_steps", type=int, default=_D.num_inference_steps)
+    g.add_argument("--guidance_mode", choices=[*GUIDANCE_MODES, *PLANNER_ONLY_MODES], help="default: the case file's, else the task's")
+    g.add_argument("--omega_vid", "--omega_V", type=float, default=_D.omega_vid)
+    g.add_argument("--omega_img", "--omega_I", type=float, default=_D.omega_img)
+    g.add_argument("--omega_txt", "--omega_TI", type=float, default=_D.omega_txt)
+    g.add_argument("--omega_scale", type=float, default=_D.omega_scale)
+    g.add_argument("--flow_shift", type=float, default=_D.flow_shift)
+    g.add_argument("--seed", type=int, default=_D.seed)
+    g.add_argument("--fps", type=float, default=_D.fps)
+    g.add_argument("--eta", type=float, default=_D.eta)
+    g.add_argument("--norm_threshold", type=float, nargs="+", default=list(_D.norm_threshold))
+    g.add_argument("--momentum", type=float, default=_D.momentum)
+    planner = p.add_argument_group("full-Bernini planner flags (accepted for script compatibility, unused by the renderer)")
+    for flag, kind, default in (("--omega_tgt", float, 0.5), ("--planning_step", int, 25), ("--vit_txt_cfg", float, 1.2), ("--vit_img_cfg", float, 1.0), ("--vit_denoising_step", int, 5)):
+        planner.add_argument(flag, type=kind, default=default, help=argparse.SUPPRESS)
+
+    e = p.add_argument_group("prompt enhancer")
+    e.add_argument("--use_pe", action="store_true", help="rewrite prompts through an OpenAI-compatible endpoint")
+    e.add_argument("--pe_model")
+    e.add_argument("--pe_on_error", choices=("raw", "fail"), default="raw", help="on enhancer failure: use the raw prompt, or fail the case")
+    e.add_argument("--pe_only", action="store_true", help="write enhanced case files and stop (no model loads)")
+
+    r = p.add_argument_group("runtime (bernini)")
+    r.add_argument("--device", default="cuda")
+    r.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    r.add_argument("--attention", default="auto", choices=("auto", "fa3", "fa4", "fa2", "sdpa"))
+    r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="regional torch.compile of the blocks")
+    r.add_argument("--batch_combos", action=argparse.BooleanOptionalAction, default=True, help="run equal-length guidance passes as one batch")
+    r.add_argument("--offload", default="auto", choices=("auto", "none", "expert", "block"))
+    r.add_argument("--t5_cpu", action="store_true", help="keep the text encoder on the CPU")
+
+    b = p.add_argument_group("batch (bernini)")
+    b.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true", help="validate and print the plan; load no model")
+    b.add_argument("--fail-fast", "--fail_fast", dest="fail_fast", action="store_true")
+    b.add_argument("--skip-existing", "--skip_existing", dest="skip_existing", action="store_true", help="resume: skip cases whose output is complete")
+    b.add_argument("--summary", type=Path, help="where to write summary.json")
+    b.add_argument("--log-format", "--log_format", dest="log_format", choices=("text", "json"), default="text")
+    b.add_argument("--verbose", "-v", action="store_true")
+    if multi_gpu:
+        d = p.add_argument_group("multi-GPU")
+        d.add_argument("--ulysses", type=int, default=1, help="Ulysses sequence-parallel degree per case")
+        d.add_argument("--cfg_parallel", type=int, default=1, help="run guidance passes on this many GPU groups at once")
+    return p
+
+
+def settings_from(args: argparse.Namespace) -> GenerationSettings:
+    if args.guidance_mode in PLANNER_ONLY_MODES:
+        raise ValueError(f"--guidance_mode {args.guidance_mode} belongs to the full Bernini planner; the renderer supports: {', '.join(GUIDANCE_MODES)}")
+    return GenerationSettings(
+        neg_prompt=args.neg_prompt,
+        system_prompt=args.system_prompt,
+        num_frames=args.num_frames,
+        max_image_size=args.max_image_size,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.num_inference_steps,
+        guidance_mode=args.guidance_mode,
+        omega_vid=args.omega_vid,
+        omega_img=args.omega_img,
+        omega_txt=args.omega_txt,
+        omega_scale=args.omega_scale,
+        flow_shift=args.flow_shift,
+        seed=args.seed,
+        fps=args.fps,
+        eta=args.eta,
+        norm_threshold=tuple(args.norm_threshold),
+        momentum=args.momentum,
+        use_unipc=args.use_unipc,
+        use_src_tgt_id=args.use_src_tgt_id,
+        interpolate_src_id=args.interpolate_src_id,
+        max_trained_src_id=args.max_trained_src_id,
+    )
+
+
+def runtime_from(args: argparse.Namespace) -> RuntimeConfig:
+    return RuntimeConfig(
+        device=args.device,
+        dtype=args.dtype,
+        attention=args.attention,
+        compile=args.compile,
+        batch_combos=args.batch_combos,
+        offload=args.offload,
+        t5_cpu=args.t5_cpu,
+    )
+
+
+def batch_spec_from(args: argparse.Namespace) -> BatchSpec:
+    cli_case: dict[str, Any] = {
+        "prompt": args.prompt,
+        "task_type": args.task_type,
+        "video": args.video,
+        "image": args.image,
+        "images": args.images,
+    }
+    return BatchSpec(case=args.case or (), inputs=args.inputs, cli_case=cli_case, output=args.output, output_dir=args.output_dir)
+
+
+def options_from(args: argparse.Namespace) -> BatchOptions:
+    return BatchOptions(dry_run=args.dry_run, fail_fast=args.fail_fast, skip_existing=args.skip_existing, summary=args.summary)
+
+
+class JsonFormatter(logging.Formatter):
+    """--log-format json: one JSON object per line, with the structured fields of progress events."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        event = {"time": round(record.created, 3), "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        for key in ("event", "case", "step", "steps", "expert", "eta_s", "rank"):
+            if hasattr(record, key):
+                event[key] = getattr(record, key)
+        return json.dumps(event, ensure_ascii=False)
+
+
+def configure_logging(log_format: str, verbose: bool, rank: int = 0) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        prefix = f"[rank {rank}] " if rank else ""
+        handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO if rank == 0 else logging.WARNING)
+    for noisy in ("httpx", "urllib3", "diffusers", "transformers", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def collect(args: argparse.Namespace) -> tuple[list, list[tuple[str, str]]]:
+    """Cases of the run and the errors of the invalid ones; CaseError if the inputs can't be read at all."""
+    return collect_cases(batch_spec_from(args))
+
+
+__all__ = ["build_parser", "settings_from", "runtime_from", "options_from", "collect", "configure_logging", "CaseError"]

@@ -1,0 +1,254 @@
+"""The renderer: owns the text encoder, VAE and experts, and turns a case into frames."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bernini import attention, media, weights
+from bernini.cases import Case
+from bernini.conditioning import Conditions, Source, SourceIdRule
+from bernini.config import DEFAULT_CONFIG_DIR, GenerationSettings, RendererConfig, RuntimeConfig
+from bernini.guidance import APGSettings, GuidanceScales, get_mode
+from bernini.models.text_encoder import TextEncoder, positive_text
+from bernini.models.transformer import TransformerConfig, WanTransformer, compile_blocks, patchify, unpatchify
+from bernini.models.vae import VAE
+from bernini.plan import PATCH, CasePlan, plan_case
+from bernini.sampling import Denoiser, LocalCombos, SamplingPlan, StepEvent, initial_noise
+
+log = logging.getLogger(__name__)
+
+EXPERT_FOLDERS = {"high": "transformer", "low": "transformer_2"}
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"unknown --dtype {name!r}; choose one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def resolve_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("no CUDA device is available; run with --device cpu (slow, for tiny checkpoints) or on a GPU machine")
+    return device
+
+
+@dataclass(frozen=True)
+class ModelSources:
+    """Where each component comes from, resolved before anything loads."""
+
+    config_dir: Path
+    renderer: RendererConfig
+    base: Path  # tokenizer, text_encoder, vae, scheduler (and base transformer weights)
+    expert_ckpts: dict[str, str | None]
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "config": str(self.config_dir),
+            "base": str(self.base),
+            "experts": {k: v or str(self.base / EXPERT_FOLDERS[k]) for k, v in self.expert_ckpts.items()},
+        }
+
+
+def resolve_sources(config: str, high_noise_ckpt: str | None = None, low_noise_ckpt: str | None = None) -> ModelSources:
+    """--config (our config folder, a Bernini-R-Diffusers folder or a hub id) + optional separate experts."""
+    if (high_noise_ckpt is None) != (low_noise_ckpt is None):
+        raise ValueError("--high_noise_ckpt and --low_noise_ckpt go together: give both or neither")
+    config_dir = weights.resolve_model_dir(config)
+    cfg_file = config_dir / "config.json"
+    renderer = RendererConfig.from_json(cfg_file) if cfg_file.is_file() else RendererConfig(wan22_base=str(config_dir))
+    # Like upstream: a config folder that holds the shared components is its own base.
+    if all((config_dir / sub).is_dir() for sub in ("tokenizer", "text_encoder", "vae")):
+        base = config_dir
+    else:
+        candidate = (config_dir / renderer.wan22_base) if not Path(renderer.wan22_base).is_absolute() else Path(renderer.wan22_base)
+        base = weights.resolve_model_dir(str(candidate) if candidate.is_dir() else renderer.wan22_base)
+    ckpts = {"high": high_noise_ckpt, "low": low_noise_ckpt}
+    if high_noise_ckpt is None and base != config_dir:
+        log.warning("no --high_noise_ckpt/--low_noise_ckpt given: the experts are the base weights of %s", base)
+    return ModelSources(config_dir, renderer, base, {k: ckpts[k] for k in renderer.experts})
+
+
+def expert_weight_sources(sources: ModelSources, name: str) -> list[dict[str, tuple[Path, str]]]:
+    """Priority-ordered key maps (model key -> (file, key in file)) for one expert."""
+    found: list[dict[str, tuple[Path, str]]] = []
+    ckpt = sources.expert_ckpts.get(name)
+    if ckpt:
+        found.append(weights.find_expert_tensors(ckpt, name))
+    folder = sources.base / EXPERT_FOLDERS[name]
+    if folder.is_dir():
+        files = weights.find_safetensors(folder)
+        found.append({k: (f, k) for k, f in files.items()})
+    if not found:
+        raise weights.WeightsError(f"no weights for the {name!r} expert: {folder} is missing and no checkpoint was given")
+    return found
+
+
+def load_expert(sources: ModelSources, name: str, *, device: torch.device, dtype: torch.dtype) -> WanTransformer:
+    folder = sources.base / EXPERT_FOLDERS[name]
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise weights.WeightsError(f"{cfg_path} is missing: the base model must provide the transformer config")
+    cfg = TransformerConfig.from_dict(json.loads(cfg_path.read_text()))
+    with torch.device("meta"):
+        model = WanTransformer(cfg)
+    weights.load_weights(model, expert_weight_sources(sources, name), device=device, dtype=dtype, keep_fp32=WanTransformer.keep_fp32)
+    return model.eval().requires_grad_(False)
+
+
+def prepare_expert(model: WanTransformer, runtime: RuntimeConfig) -> WanTransformer:
+    if runtime.compile:
+        compile_blocks(model)
+    return model
+
+
+@dataclass
+class RenderOutput:
+    frames: np.ndarray  # [T, H, W, 3] float32 in [0, 1]
+    plan: CasePlan
+    prompt_used: str
+    timings: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    latent: torch.Tensor | None = None  # final normalized latent [1, 16, T', H', W']
+
+
+class Renderer:
+    """Loads once, renders many cases. Experts are named 'high' and 'low'."""
+
+    def __init__(
+        self,
+        sources: ModelSources,
+        text_encoder: TextEncoder,
+        vae: VAE,
+        experts: dict[str, WanTransformer],
+        scheduler_config: dict[str, Any],
+        runtime: RuntimeConfig,
+        device: torch.device,
+    ):
+        self.sources = sources
+        self.text_encoder = text_encoder
+        self.vae = vae
+        self.experts = experts
+        self.scheduler_config = scheduler_config
+        self.runtime = runtime
+        self.device = device
+        self.load_seconds = 0.0
+        self.combos: LocalCombos | None = None  # bernini.parallel installs CFG-parallel placement
+        self.decode_outputs = True  # False on ranks that help a group but do not write
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        config: str = DEFAULT_CONFIG_DIR,
+        *,
+        high_noise_ckpt: str | None = None,
+        low_noise_ckpt: str | None = None,
+        runtime: RuntimeConfig = RuntimeConfig(),
+    ) -> "Renderer":
+        return cls.load(resolve_sources(config, high_noise_ckpt, low_noise_ckpt), runtime)
+
+    @classmethod
+    def load(cls, sources: ModelSources, runtime: RuntimeConfig = RuntimeConfig()) -> "Renderer":
+        start = time.perf_counter()
+        device = resolve_device(runtime.device)
+        dtype = torch_dtype(runtime.dtype)
+        attention.select_backend(runtime.attention, device)
+        text_device = "cpu" if runtime.t5_cpu else device
+        text_encoder = TextEncoder.load(sources.base, dtype=dtype, device=text_device, max_length=sources.renderer.max_sequence_length)
+        vae = VAE.load(sources.base, device=device)
+        experts = {name: prepare_expert(load_expert(sources, name, device=device, dtype=dtype), runtime) for name in sources.renderer.experts}
+        from diffusers import UniPCMultistepScheduler
+
+        scheduler_config = dict(UniPCMultistepScheduler.load_config(sources.base / "scheduler"))
+        renderer = cls(sources, text_encoder, vae, experts, scheduler_config, runtime, device)
+        renderer.load_seconds = time.perf_counter() - start
+        log.info("models loaded in %.1f s (experts: %s, device %s, %s)", renderer.load_seconds, ", ".join(experts), device, dtype)
+        return renderer
+
+    @property
+    def head_dim(self) -> int:
+        return next(iter(self.experts.values())).cfg.attention_head_dim
+
+    def encode_conditions(self, case: Case, settings: GenerationSettings) -> Conditions:
+        def encode(pixels: torch.Tensor) -> Source:
+            latent = self.vae.encode(pixels)
+            grid = (latent.shape[2] // PATCH[0], latent.shape[3] // PATCH[1], latent.shape[4] // PATCH[2])
+            return Source(patchify(latent, PATCH), grid)
+
+        size = settings.max_image_size
+        videos = tuple(encode(media.load_video(p, settings.fps, settings.num_frames, size)) for p in case.videos)
+        image = encode(media.load_image(case.image, size)) if case.image else None
+        images = tuple(encode(media.load_image(p, size)) for p in case.images)
+        return Conditions(videos, image, images)
+
+    def encode_text(self, prompt_used: str, neg_prompt: str) -> dict[str, torch.Tensor]:
+        embeds = self.text_encoder.encode([neg_prompt, prompt_used])
+        dtype = torch_dtype(self.runtime.dtype)
+        return {"u": embeds[0:1].to(self.device, dtype), "c": embeds[1:2].to(self.device, dtype)}
+
+    @torch.no_grad()
+    def render(
+        self,
+        case: Case,
+        settings: GenerationSettings,
+        *,
+        plan: CasePlan | None = None,
+        prompt: str | None = None,
+        on_step: Callable[[StepEvent], None] | None = None,
+    ) -> RenderOutput:
+        """Render one case to frames (no file is written here)."""
+        plan = plan or plan_case(case, settings)
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            timings[name] = now - clock
+            clock = now
+
+        prompt_used = positive_text(settings.system_prompt or case.task.system_prompt, prompt or case.prompt)
+        text = self.encode_text(prompt_used, settings.neg_prompt)
+        lap("text_encode")
+        cond = self.encode_conditions(case, settings)
+        lap("vae_encode")
+        grid = plan.grid
+        noise = initial_noise(settings.seed, (1, 16, grid[0] * PATCH[0], grid[1] * PATCH[1], grid[2] * PATCH[2]))
+        sampling = SamplingPlan(
+            mode=get_mode(plan.guidance_mode),
+            scales=GuidanceScales(settings.omega_vid, settings.omega_img, settings.omega_txt),
+            omega_scale=settings.omega_scale,
+            apg=APGSettings(settings.eta, tuple(settings.norm_threshold), settings.momentum),
+            steps=settings.num_inference_steps,
+            shift=settings.flow_shift,
+            use_unipc=settings.use_unipc,
+            boundary=self.sources.renderer.switch_dit_boundary,
+            batch_combos=self.runtime.batch_combos,
+        )
+        rule = SourceIdRule(settings.use_src_tgt_id, settings.interpolate_src_id, settings.max_trained_src_id)
+        denoiser = Denoiser(self.experts.__getitem__, tuple(self.experts), self.scheduler_config, self.head_dim, self.device, self.combos)
+        result = denoiser.run(sampling, cond, rule, grid, patchify(noise, PATCH), text, on_step)
+        for name, seconds in result.expert_seconds.items():
+            timings[f"denoise_{name}"] = seconds
+        clock = time.perf_counter()
+        latent = unpatchify(result.latent, grid, PATCH)
+        frames = self.vae.decode(latent) if self.decode_outputs else np.zeros((0,), np.float32)
+        lap("decode")
+        info = {
+            "guidance_per_expert": result.scales,
+            "expert_steps": result.expert_steps,
+            "attention_backend": attention.current_backend(),
+            "dtype": self.runtime.dtype,
+            "device": str(self.device),
+        }
+        return RenderOutput(frames, plan, prompt_used, timings, info, latent=latent.cpu())
