@@ -27,6 +27,7 @@ from bernini.sampling import Denoiser, LocalCombos, SamplingPlan, StepEvent, ini
 log = logging.getLogger(__name__)
 
 EXPERT_FOLDERS = {"high": "transformer", "low": "transformer_2"}
+ACTIVATION_RESERVE = 24 * 2**30  # GPU memory kept free for a 480p case's activations
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -143,6 +144,7 @@ class Renderer:
         self.runtime = runtime
         self.device = device
         self.load_seconds = 0.0
+        self.offload_text_encoder = False  # True: UMT5 waits on the CPU and visits the GPU to encode
         self.combos: LocalCombos | None = None  # bernini.parallel installs CFG-parallel placement
         self.decode_outputs = True  # False on ranks that help a group but do not write
 
@@ -163,36 +165,58 @@ class Renderer:
         device = resolve_device(runtime.device)
         dtype = torch_dtype(runtime.dtype)
         attention.select_backend(runtime.attention, device)
-        text_device = "cpu" if runtime.t5_cpu else device
-        text_encoder = TextEncoder.load(sources.base, dtype=dtype, device=text_device, max_length=sources.renderer.max_sequence_length)
+        text_encoder = TextEncoder.load(sources.base, dtype=dtype, device="cpu", max_length=sources.renderer.max_sequence_length)
         vae = VAE.load(sources.base, device=device)
         experts = {name: prepare_expert(load_expert(sources, name, device=device, dtype=dtype), runtime) for name in sources.renderer.experts}
         from diffusers import UniPCMultistepScheduler
 
         scheduler_config = dict(UniPCMultistepScheduler.load_config(sources.base / "scheduler"))
         renderer = cls(sources, text_encoder, vae, experts, scheduler_config, runtime, device)
+        renderer.place_text_encoder()
         renderer.load_seconds = time.perf_counter() - start
         log.info("models loaded in %.1f s (experts: %s, device %s, %s)", renderer.load_seconds, ", ".join(experts), device, dtype)
         return renderer
+
+    def place_text_encoder(self) -> None:
+        """Keep UMT5 on the GPU only if that leaves room for activations; else it visits to encode."""
+        if self.runtime.t5_cpu or self.device.type != "cuda":
+            self.text_encoder.model.to("cpu" if self.runtime.t5_cpu else self.device)
+            return
+        need = sum(p.numel() * p.element_size() for p in self.text_encoder.model.parameters())
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if free - need > ACTIVATION_RESERVE:
+            self.text_encoder.model.to(self.device)
+        else:
+            self.offload_text_encoder = True
+            log.info("text encoder (%.1f GiB) waits on the CPU and moves to the GPU only to encode", need / 2**30)
 
     @property
     def head_dim(self) -> int:
         return next(iter(self.experts.values())).cfg.attention_head_dim
 
-    def encode_conditions(self, case: Case, settings: GenerationSettings) -> Conditions:
-        def encode(pixels: torch.Tensor) -> Source:
-            latent = self.vae.encode(pixels)
-            grid = (latent.shape[2] // PATCH[0], latent.shape[3] // PATCH[1], latent.shape[4] // PATCH[2])
-            return Source(patchify(latent, PATCH), grid)
+    def encode_pixels(self, pixels: torch.Tensor) -> Source:
+        """pixels [3, T, H, W] in [-1, 1] -> a condition source (clean latent, packed)."""
+        latent = self.vae.encode(pixels)
+        grid = (latent.shape[2] // PATCH[0], latent.shape[3] // PATCH[1], latent.shape[4] // PATCH[2])
+        return Source(patchify(latent, PATCH), grid)
 
+    def encode_conditions(self, case: Case, settings: GenerationSettings) -> Conditions:
         size = settings.max_image_size
-        videos = tuple(encode(media.load_video(p, settings.fps, settings.num_frames, size)) for p in case.videos)
-        image = encode(media.load_image(case.image, size)) if case.image else None
-        images = tuple(encode(media.load_image(p, size)) for p in case.images)
+        videos = tuple(self.encode_pixels(media.load_video(p, settings.fps, settings.num_frames, size)) for p in case.videos)
+        image = self.encode_pixels(media.load_image(case.image, size)) if case.image else None
+        images = tuple(self.encode_pixels(media.load_image(p, size)) for p in case.images)
         return Conditions(videos, image, images)
 
     def encode_text(self, prompt_used: str, neg_prompt: str) -> dict[str, torch.Tensor]:
-        embeds = self.text_encoder.encode([neg_prompt, prompt_used])
+        """{'u': negative, 'c': positive} embeddings [1, 512, D] on the render device."""
+        model = self.text_encoder.model
+        if self.offload_text_encoder:
+            model.to(self.device)
+        try:
+            embeds = self.text_encoder.encode([neg_prompt, prompt_used])
+        finally:
+            if self.offload_text_encoder:
+                model.to("cpu")
         dtype = torch_dtype(self.runtime.dtype)
         return {"u": embeds[0:1].to(self.device, dtype), "c": embeds[1:2].to(self.device, dtype)}
 

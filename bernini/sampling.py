@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from bernini import attention
@@ -68,6 +70,24 @@ def make_scheduler(scheduler_config: Mapping[str, Any], shift: float, use_unipc:
     from diffusers import UniPCMultistepScheduler
 
     return UniPCMultistepScheduler.from_config(dict(scheduler_config), flow_shift=shift)
+
+
+def set_official_timesteps(scheduler, steps: int, device: torch.device | str) -> None:
+    """Timesteps on the official renderer's flow-sigma grid (diffusers 0.35.2), whatever diffusers is installed.
+
+    diffusers 0.35 used flip(1 - linspace(1, 1/1000, N+1))[:-1] before the shift; later releases use
+    linspace(1, 1/1000, N+1)[:-1], which moves every timestep a little (and at shift 3 the expert
+    switch by one step). Passing the old grid explicitly keeps results identical to the official code.
+    """
+    if isinstance(scheduler, EulerFlowScheduler):
+        scheduler.set_timesteps(steps, device=device)
+        return
+    if "sigmas" not in inspect.signature(scheduler.set_timesteps).parameters:
+        scheduler.set_timesteps(steps, device=device)  # old diffusers: this is already the official grid
+        return
+    n_train = scheduler.config.num_train_timesteps
+    grid = np.flip(1 - np.linspace(1, 1 / n_train, steps + 1))[:-1].copy()
+    scheduler.set_timesteps(sigmas=grid, device=device)
 
 
 def expert_schedule(timesteps: torch.Tensor, experts: tuple[str, ...], boundary: float) -> list[str]:
@@ -155,7 +175,7 @@ class Denoiser:
     ) -> DenoiseResult:
         """noise: packed [1, L, F]; text: {'u': [1, 512, D], 'c': [1, 512, D]}."""
         scheduler = make_scheduler(self.scheduler_config, plan.shift, plan.use_unipc)
-        scheduler.set_timesteps(plan.steps, device=self.device)
+        set_official_timesteps(scheduler, plan.steps, self.device)
         timesteps = scheduler.timesteps
         sigmas = scheduler.sigmas.tolist()
         schedule = expert_schedule(timesteps, self.expert_names, plan.boundary)
