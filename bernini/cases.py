@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -75,7 +75,7 @@ def _resolve_media(value: str, source: str, key: str, base: Path | None) -> Path
     for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()
-    tried = ", ".join(str(c) for c in candidates)
+    tried = ", ".join(os.path.normpath(c) for c in candidates)
     raise _fail(source, key, f"file {value!r} not found (looked at: {tried}); paths are relative to the case file's folder, then the working directory")
 
 
@@ -102,52 +102,78 @@ def parse_case(
     if unknown:
         raise _fail(source, unknown[0], f"unknown key; allowed keys: {', '.join(CASE_KEYS)} (generation settings such as seed or num_frames are command-line flags)")
     merged = {**{k: v for k, v in (defaults or {}).items() if v is not None}, **data}
-    prompt = merged.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise _fail(source, "prompt", "required: a non-empty string")
-    task_type = merged.get("task_type", "v2v")
-    if not isinstance(task_type, str):
-        raise _fail(source, "task_type", "must be a string")
-    try:
-        task = get_task(task_type)
-    except ValueError as exc:
-        raise _fail(source, "task_type", str(exc)) from None
-    mode = merged.get("guidance_mode")
-    if mode is not None:
-        if not isinstance(mode, str):
-            raise _fail(source, "guidance_mode", "must be a string")
-        try:
-            get_mode(mode)
-        except ValueError as exc:
-            raise _fail(source, "guidance_mode", str(exc)) from None
+    prompt = _prompt_of(merged, source)
+    task = _task_of(merged, source)
+    mode = _mode_of(merged, source)
     # Media from the case file resolve against its folder; command-line media against the cwd.
-    def base_for(key: str) -> Path | None:
-        return base if key in data else None
-
-    videos = [_resolve_media(v, source, "video", base_for("video")) for v in _string_list(merged["video"], source, "video", True)] if merged.get("video") is not None else []
-    image = None
-    if merged.get("image") is not None:
-        if not isinstance(merged["image"], str) or not merged["image"]:
-            raise _fail(source, "image", "must be a path string")
-        image = _resolve_media(merged["image"], source, "image", base_for("image"))
-    images = [_resolve_media(v, source, "images", base_for("images")) for v in _string_list(merged["images"], source, "images", False)] if merged.get("images") is not None else []
+    bases = {key: (base if key in data else None) for key in ("video", "image", "images")}
+    videos = _media_list(merged, "video", source, bases["video"], allow_single=True)
+    image = _single_media(merged, "image", source, bases["image"])
+    images = _media_list(merged, "images", source, bases["images"], allow_single=False)
     _check_counts(task, source, len(videos), image is not None, len(images))
     output = merged.get("output")
-    if output is not None and (not isinstance(output, str) or not output):
-        raise _fail(source, "output", "must be a path string")
+    if output is not None and (not isinstance(output, str) or not output.strip()):
+        raise _fail(source, "output", f"must be a non-empty path string, got {json.dumps(output)[:80]}")
     return Case(
         name=name,
         source=source,
-        task_type=task_type,
+        task_type=task.name,
         prompt=prompt,
         guidance_mode=mode,
         videos=tuple(videos),
         image=image,
         images=tuple(images),
-        output=Path(output) if output else None,
+        output=Path(output).expanduser() if output else None,
         explicit_output="output" in data,
         raw=dict(data),
     )
+
+
+def _prompt_of(merged: Mapping[str, Any], source: str) -> str:
+    prompt = merged.get("prompt")
+    if prompt is None:
+        raise _fail(source, "prompt", "required: a non-empty string (or --prompt on the command line)")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise _fail(source, "prompt", f"must be a non-empty string, got {json.dumps(prompt)[:80]}")
+    return prompt
+
+
+def _task_of(merged: Mapping[str, Any], source: str) -> Task:
+    task_type = merged.get("task_type", "v2v")
+    if not isinstance(task_type, str):
+        raise _fail(source, "task_type", f"must be a string naming a task, got {json.dumps(task_type)[:80]}")
+    try:
+        return get_task(task_type)
+    except ValueError as exc:
+        raise _fail(source, "task_type", str(exc)) from None
+
+
+def _mode_of(merged: Mapping[str, Any], source: str) -> str | None:
+    mode = merged.get("guidance_mode")
+    if mode is None:
+        return None
+    if not isinstance(mode, str):
+        raise _fail(source, "guidance_mode", f"must be a string naming a mode, got {json.dumps(mode)[:80]}")
+    try:
+        get_mode(mode)
+    except ValueError as exc:
+        raise _fail(source, "guidance_mode", str(exc)) from None
+    return mode
+
+
+def _media_list(merged: Mapping[str, Any], key: str, source: str, base: Path | None, *, allow_single: bool) -> list[Path]:
+    if merged.get(key) is None:
+        return []
+    return [_resolve_media(v, source, key, base) for v in _string_list(merged[key], source, key, allow_single)]
+
+
+def _single_media(merged: Mapping[str, Any], key: str, source: str, base: Path | None) -> Path | None:
+    value = merged.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise _fail(source, key, f"must be one path string, got {json.dumps(value)[:80]}")
+    return _resolve_media(value, source, key, base)
 
 
 def _check_counts(task: Task, source: str, videos: int, image: bool, images: int) -> None:
@@ -218,12 +244,14 @@ def load_inputs(path: Path, defaults: Mapping[str, Any]) -> list[tuple[Any, str]
 
 
 def _unique_names(paths: Sequence[Path]) -> list[str]:
-    """Case names from file stems; where stems repeat, the path below the common folder."""
+    """Case names from file stems; a stem that repeats becomes its path below the common folder."""
     stems = [p.stem for p in paths]
-    if len(set(stems)) == len(stems):
+    repeated = {s for s in stems if stems.count(s) > 1}
+    if not repeated:
         return stems
-    root = Path(os.path.commonpath([str(p.resolve().parent) for p in paths]))
-    return [str(p.resolve().with_suffix("").relative_to(root)) for p in paths]
+    dupes = [p.resolve() for p in paths if p.stem in repeated]
+    root = Path(os.path.commonpath([str(p.parent) for p in dupes]))
+    return [p.resolve().with_suffix("").relative_to(root).as_posix() if p.stem in repeated else p.stem for p in paths]
 
 
 @dataclass(frozen=True)
@@ -244,14 +272,14 @@ def collect_cases(spec: BatchSpec) -> tuple[list[Case], list[tuple[str, str]]]:
     errors: list[tuple[str, str]] = []
     cases: list[Case] = []
 
-    def attempt(fn, source: str) -> None:
+    def attempt(fn: Callable[[], Case], source: str) -> None:
         try:
             cases.append(fn())
         except CaseError as exc:
             errors.append((source, str(exc)))
 
     if spec.case:
-        files = [f for s in spec.case for f in find_case_files(s)]
+        files = find_all_case_files(spec.case, errors)
         for path, name in zip(files, _unique_names(files), strict=True):
             attempt(lambda: load_case_file(path, name=name, defaults=spec.cli_case), str(path))
     elif spec.inputs:
@@ -262,8 +290,22 @@ def collect_cases(spec: BatchSpec) -> tuple[list[Case], list[tuple[str, str]]]:
             attempt(lambda: parse_case(item, source=source, name=name, base=Path(spec.inputs).parent.resolve(), defaults=spec.cli_case), source)
     else:
         attempt(lambda: parse_case({}, source="<command line>", name="output", base=None, defaults=spec.cli_case), "<command line>")
+    if spec.output and len(cases) + len(errors) > 1:
+        raise CaseError(f"--output names one file but the batch has {len(cases) + len(errors)} cases; use --output_dir, or 'output' in each case file")
     cases = assign_outputs(cases, spec, errors)
     return cases, errors
+
+
+def find_all_case_files(specs: Sequence[str], errors: list[tuple[str, str]]) -> list[Path]:
+    """Every --case argument's files, each once; an argument that names nothing is an invalid entry."""
+    found: dict[Path, Path] = {}
+    for spec in specs:
+        try:
+            for path in find_case_files(spec):
+                found.setdefault(path.resolve(), path)  # a file named twice (folder + file) runs once
+        except CaseError as exc:
+            errors.append((spec, str(exc)))
+    return list(found.values())
 
 
 def _suffix_for(case: Case) -> str:
@@ -274,29 +316,58 @@ def assign_outputs(cases: list[Case], spec: BatchSpec, errors: list[tuple[str, s
     """Every case gets an output path of the right kind; collisions are errors, not overwrites."""
     resolved: list[Case] = []
     for case in cases:
-        if case.output is not None and case.explicit_output:
-            out = case.output
-        elif spec.output and len(cases) == 1:
-            out = Path(spec.output)
-        else:
-            out = Path(spec.output_dir) / f"{case.name}{_suffix_for(case)}"
+        out = _output_for(case, spec, len(cases))
         if case.task.single_frame and out.suffix.lower() != ".png":
             log.info("%s: task %s renders one frame; writing %s", case.source, case.task_type, out.with_suffix(".png"))
             out = out.with_suffix(".png")
-        if not case.task.single_frame and out.suffix.lower() == ".png":
-            errors.append((case.source, f"{case.source}: key 'output': {out} is a .png but task {case.task_type!r} renders a video; use .mp4"))
+        if not case.task.single_frame and out.suffix.lower() != ".mp4":
+            errors.append((case.source, f"{case.source}: key 'output': {out} must end in .mp4: task {case.task_type!r} renders a video (H.264 mp4)"))
             continue
         resolved.append(replace(case, output=out.resolve()))
-    seen: dict[Path, Case] = {}
+    return _drop_collisions(resolved, errors)
+
+
+def _output_for(case: Case, spec: BatchSpec, count: int) -> Path:
+    if case.output is not None and case.explicit_output:
+        return case.output
+    if spec.output and count == 1:
+        return Path(spec.output)
+    return Path(spec.output_dir) / f"{case.name}{_suffix_for(case)}"
+
+
+def _drop_collisions(cases: list[Case], errors: list[tuple[str, str]]) -> list[Case]:
+    """Explicit outputs that clash are all invalid (naming each other); derived ones get a suffix."""
+    claims: dict[Path, list[Case]] = {}
+    for case in cases:
+        if case.explicit_output:
+            claims.setdefault(case.output, []).append(case)  # type: ignore[arg-type]
+    clashing = {path: group for path, group in claims.items() if len(group) > 1}
+    for path, group in clashing.items():
+        for case in group:
+            others = ", ".join(o.source for o in group if o is not case)
+            errors.append((case.source, f"{case.source}: key 'output': {path} is also the output of {others}; give each case its own output"))
+    taken = set(claims)
     unique: list[Case] = []
-    for case in resolved:
-        if case.output in seen:
-            other = seen[case.output]
-            errors.append((case.source, f"{case.source}: key 'output': {case.output} is also the output of {other.source}; give each case its own output"))
+    for case in cases:
+        if case.explicit_output:
+            if case.output not in clashing:
+                unique.append(case)
             continue
-        seen[case.output] = case
-        unique.append(case)
+        out = _free_name(case.output, taken)  # type: ignore[arg-type]
+        if out != case.output:
+            log.warning("%s: output %s is taken by another case; writing %s", case.source, case.output, out)
+        taken.add(out)
+        unique.append(replace(case, output=out))
     return unique
+
+
+def _free_name(path: Path, taken: set[Path]) -> Path:
+    n = 2
+    candidate = path
+    while candidate in taken:
+        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
+        n += 1
+    return candidate
 
 
 def resolve_mode(case: Case, cli_mode: str | None) -> str:

@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bernini.cases import BatchSpec, CaseError, collect_cases
+from bernini.cases import BatchSpec, Case, CaseError, collect_cases
 from bernini.config import DEFAULT_CONFIG_DIR, GenerationSettings, RuntimeConfig
 from bernini.guidance import GUIDANCE_MODES, PLANNER_ONLY_MODES
-from bernini.runner import BatchOptions
+from bernini.plan import CasePlan
+from bernini.runner import BatchOptions, CaseRecord, LogProgress
+from bernini.sampling import StepEvent
 from bernini.tasks import DEFAULT_NEG_PROMPT
 
 log = logging.getLogger(__name__)
@@ -84,7 +86,7 @@ def build_parser(prog: str, multi_gpu: bool = False) -> argparse.ArgumentParser:
     b.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true", help="validate and print the plan; load no model")
     b.add_argument("--fail-fast", "--fail_fast", dest="fail_fast", action="store_true")
     b.add_argument("--skip-existing", "--skip_existing", dest="skip_existing", action="store_true", help="resume: skip cases whose output is complete")
-    b.add_argument("--summary", type=Path, help="where to write summary.json")
+    b.add_argument("--summary", type=Path, help="where to write summary.json (default: the common folder of the outputs)")
     b.add_argument("--log-format", "--log_format", dest="log_format", choices=("text", "json"), default="text")
     b.add_argument("--verbose", "-v", action="store_true")
     if multi_gpu:
@@ -146,23 +148,111 @@ def batch_spec_from(args: argparse.Namespace) -> BatchSpec:
     return BatchSpec(case=args.case or (), inputs=args.inputs, cli_case=cli_case, output=args.output, output_dir=args.output_dir)
 
 
-def options_from(args: argparse.Namespace) -> BatchOptions:
-    return BatchOptions(dry_run=args.dry_run, fail_fast=args.fail_fast, skip_existing=args.skip_existing, summary=args.summary)
+def options_from(args: argparse.Namespace, runtime: RuntimeConfig | None = None) -> BatchOptions:
+    return BatchOptions(
+        dry_run=args.dry_run,
+        fail_fast=args.fail_fast,
+        skip_existing=args.skip_existing,
+        summary=args.summary,
+        output_dir=Path(args.output_dir),
+        runtime=runtime,
+    )
+
+
+_EVENT_FIELDS = ("event", "case", "index", "total", "step", "steps", "expert", "s_per_step", "eta_s", "status", "output", "seconds", "timings", "rank")
 
 
 class JsonFormatter(logging.Formatter):
     """--log-format json: one JSON object per line, with the structured fields of progress events."""
 
     def format(self, record: logging.LogRecord) -> str:
-        event = {"time": round(record.created, 3), "level": record.levelname, "logger": record.name, "message": record.getMessage()}
-        for key in ("event", "case", "step", "steps", "expert", "eta_s", "rank"):
+        event: dict[str, Any] = {"time": round(record.created, 3), "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        for key in _EVENT_FIELDS:
             if hasattr(record, key):
                 event[key] = getattr(record, key)
-        return json.dumps(event, ensure_ascii=False)
+        if record.exc_info:
+            event["exception"] = self.formatException(record.exc_info)
+        return json.dumps(event, ensure_ascii=False, default=str)
 
 
-def configure_logging(log_format: str, verbose: bool, rank: int = 0) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record arrives (test runners and notebooks swap it)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+class TqdmLogHandler(StderrHandler):
+    """Log lines printed above the progress bars instead of through them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
+class TqdmProgress:
+    """Terminal bars: cases done of the batch, and the steps of the current case (expert, s/step, ETA)."""
+
+    def __init__(self) -> None:
+        self.batch: Any = None
+        self.case: Any = None
+        self.failed = 0
+
+    def case_started(self, index: int, total: int, case: Case, plan: CasePlan) -> None:
+        from tqdm import tqdm
+
+        if self.batch is None:
+            self.batch = tqdm(total=total, desc="batch", unit="case", position=0, file=sys.stderr, dynamic_ncols=True)
+        # Steps take seconds: show every one (tqdm would otherwise skip updates within 0.1 s).
+        self.case = tqdm(total=plan.steps, desc=case.name[-24:], unit="step", position=1, leave=False, file=sys.stderr, dynamic_ncols=True, mininterval=0, miniters=1)
+
+    def step(self, index: int, total: int, case: Case, event: StepEvent) -> None:
+        self.case.set_postfix_str(f"{event.expert} expert", refresh=False)
+        self.case.update(1)
+
+    def case_finished(self, index: int, total: int, record: CaseRecord) -> None:
+        if self.case is not None:
+            self.case.close()
+        self.failed += record.status != "ok"
+        self.batch.set_postfix_str(f"last: {record.name} {record.status}, failed {self.failed}", refresh=False)
+        self.batch.update(1)
+
+    def close(self) -> None:
+        for bar in (self.case, self.batch):
+            if bar is not None:
+                bar.close()
+
+
+def wants_progress_bars(log_format: str) -> bool:
+    """Bars only for a person at a terminal; pipes, files and JSON logs get one line per event."""
+    return log_format == "text" and sys.stderr.isatty()
+
+
+def progress_for(log_format: str) -> TqdmProgress | LogProgress:
+    return TqdmProgress() if wants_progress_bars(log_format) else LogProgress()
+
+
+def quiet_library_progress() -> None:
+    """Library bars (transformers' 'Loading weights') would break JSON lines and our own bars."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("transformers.utils.logging", "diffusers.utils.logging"):
+        module = sys.modules.get(name)
+        disable = getattr(module, "disable_progress_bar", None)
+        if callable(disable):
+            disable()
+
+
+def configure_logging(log_format: str, verbose: bool, rank: int = 0, progress_bars: bool = False) -> None:
+    handler: logging.Handler = TqdmLogHandler() if progress_bars else StderrHandler()
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
@@ -171,13 +261,15 @@ def configure_logging(log_format: str, verbose: bool, rank: int = 0) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO if rank == 0 else logging.WARNING)
-    for noisy in ("httpx", "urllib3", "diffusers", "transformers", "PIL"):
+    logging.captureWarnings(True)  # warnings.warn output goes through the formatter too
+    for noisy in ("httpx", "urllib3", "diffusers", "transformers", "PIL", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_library_progress()
 
 
-def collect(args: argparse.Namespace) -> tuple[list, list[tuple[str, str]]]:
+def collect(args: argparse.Namespace) -> tuple[list[Case], list[tuple[str, str]]]:
     """Cases of the run and the errors of the invalid ones; CaseError if the inputs can't be read at all."""
     return collect_cases(batch_spec_from(args))
 
 
-__all__ = ["build_parser", "settings_from", "runtime_from", "options_from", "collect", "configure_logging", "CaseError"]
+__all__ = ["build_parser", "settings_from", "runtime_from", "options_from", "collect", "configure_logging", "progress_for", "CaseError"]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-
-from PIL import Image
+from typing import Any
 
 from bernini import media
 from bernini.cases import Case, CaseError, resolve_mode
@@ -41,15 +42,9 @@ def probe(path: Path) -> media.VideoInfo:
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    try:
-        with Image.open(path) as img:
-            img.verify()
-        with Image.open(path) as img:
-            from PIL import ImageOps
-
-            return ImageOps.exif_transpose(img).size
-    except Exception as exc:
-        raise media.MediaError(f"image {str(path)!r} cannot be decoded ({exc}); re-save it as PNG or JPEG") from None
+    """Upright (width, height) of an image that fully decodes; MediaError otherwise."""
+    file = media.check_local_file(path, "image")  # URL, missing, empty and oversized files first
+    return media.open_rgb_image(file).size
 
 
 @dataclass(frozen=True)
@@ -85,7 +80,7 @@ class CasePlan:
         """Relative work (token-forwards x steps, attention-weighted) to balance data-parallel groups."""
         return float(sum(n + n * n / 20000 for n in self.tokens_per_forward) * self.steps)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -104,15 +99,23 @@ def snap16(side: int) -> int:
     return max(16, round(side / 16) * 16)
 
 
+def plan_media(case: Case, settings: GenerationSettings) -> tuple[MediaPlan, ...]:
+    """Probe every source (cached); a bad file is a CaseError naming the case file and the key."""
+    keyed = [("video", "video", p) for p in case.videos]
+    keyed += [("image", "image", case.image)] if case.image else []
+    keyed += [("images", "image", p) for p in case.images]
+    plans = []
+    for key, kind, path in keyed:
+        try:
+            plans.append(_media_plan(path, kind, settings))
+        except media.MediaError as exc:
+            raise CaseError(f"{case.source}: key {key!r}: {exc}") from None
+    return tuple(plans)
+
+
 def plan_case(case: Case, settings: GenerationSettings) -> CasePlan:
     """Probe the media (cached) and resolve every effective value; raises CaseError on bad media."""
-    try:
-        sources = tuple(
-            [_media_plan(p, "video", settings) for p in case.videos]
-            + [_media_plan(p, "image", settings) for p in ([case.image] if case.image else []) + list(case.images)]
-        )
-    except media.MediaError as exc:
-        raise CaseError(f"{case.source}: {exc}") from None
+    sources = plan_media(case, settings)
     task = case.task
     if case.videos:
         first = sources[0]
@@ -158,3 +161,41 @@ def _fake_conditions(case: Case, sources: tuple[MediaPlan, ...]) -> Conditions:
     n_video = len(case.videos)
     image = made[n_video] if case.image is not None else None
     return Conditions(tuple(made[:n_video]), image, tuple(made[n_video + (image is not None) :]))
+
+
+def format_plan(planned: Sequence[tuple[Case, CasePlan]], errors: Sequence[tuple[str, str]]) -> str:
+    """The --dry-run table: per case task, mode, size, frames, fps, forwards per step, output."""
+    lines = [f"{'case':24} {'task':6} {'mode':9} {'size':>9} {'frames':>6} {'fps':>5} {'fwd/step':>8} {'tokens':>8}  output"]
+    for case, p in planned:
+        lines.append(
+            f"{case.name[:24]:24} {p.task_type:6} {p.guidance_mode:9} {p.width:>4}x{p.height:<4} {p.frames:>6} "
+            f"{p.fps:>5g} {p.forwards_per_step:>8} {max(p.tokens_per_forward):>8}  {p.output}"
+        )
+    lines += [f"INVALID {m if m.startswith(s) else f'{s}: {m}'}" for s, m in errors]
+    lines.append(f"{len(planned)} case(s) ready, {len(errors)} invalid")
+    return "\n".join(lines)
+
+
+def plan_all(cases: Sequence[Case], settings: GenerationSettings, errors: list[tuple[str, str]]) -> list[tuple[Case, CasePlan]]:
+    """Probe every case's media and check every output folder before any model loads."""
+    planned = []
+    for case in cases:
+        try:
+            plan = plan_case(case, settings)
+            _check_writable(Path(plan.output), case)
+            planned.append((case, plan))
+        except ValueError as exc:  # CaseError, or a rule of media/plan
+            message = str(exc)
+            errors.append((case.source, message if message.startswith(case.source) else f"{case.source}: {message}"))
+        except Exception as exc:  # a probe bug must not stop the other cases
+            errors.append((case.source, f"{case.source}: cannot be planned ({type(exc).__name__}: {exc})"))
+    return planned
+
+
+def _check_writable(output: Path, case: Case) -> None:
+    folder = output.parent
+    existing = next((p for p in [folder, *folder.parents] if p.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise CaseError(f"{case.source}: key 'output': folder {folder} cannot be created or written; choose another --output_dir")
+    if output.is_dir():
+        raise CaseError(f"{case.source}: key 'output': {output} is a folder; name a file")

@@ -1,7 +1,8 @@
-"""Batch runs that never lose work: plan all cases, render each, write atomically, summarize, resume."""
+"""Batch runs that never lose work: render each planned case, write atomically, summarize, resume."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
 import json
@@ -11,20 +12,28 @@ import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from bernini import __version__, media
 from bernini.cases import Case, CaseError
-from bernini.config import GenerationSettings
-from bernini.plan import CasePlan, plan_case
+from bernini.config import GenerationSettings, RuntimeConfig
+from bernini.plan import CasePlan, format_plan, plan_all
 from bernini.sampling import NonFiniteError, StepEvent
 
 log = logging.getLogger(__name__)
 
-SIDECAR_VERSION = 1
+__all__ = ["BatchOptions", "CaseRecord", "LogProgress", "Progress", "fingerprint", "format_plan", "plan_all", "run_batch", "sidecar_path", "summary_location", "write_json_atomic"]
+
+SIDECAR_VERSION = 2
+SUMMARY_VERSION = 1
+VERSIONED_PACKAGES = ("diffusers", "transformers", "accelerate", "safetensors", "huggingface_hub", "av", "numpy")
+
+Enhance = Callable[[Case], tuple[str, dict[str, Any] | None]]
 
 
 @dataclass(frozen=True)
@@ -34,9 +43,11 @@ class BatchOptions:
     skip_existing: bool = False
     summary: Path | None = None
     write_outputs: bool = True  # False on ranks that only help (multi-GPU)
+    output_dir: Path | None = None  # summary.json goes here when no case plans an output
+    runtime: RuntimeConfig | None = None  # recorded in sidecars; its dtype is part of the fingerprint
 
 
-@dataclass
+@dataclass(frozen=True)
 class CaseRecord:
     """One line of summary.json."""
 
@@ -49,7 +60,47 @@ class CaseRecord:
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v not in (None, {}) or k in ("status", "error")}
+        return {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, {}) or k in ("status", "error")}
+
+
+class Progress(Protocol):
+    """Where per-case and per-step progress goes: log lines, or bars on a terminal (cli.py)."""
+
+    def case_started(self, index: int, total: int, case: Case, plan: CasePlan) -> None: ...
+
+    def step(self, index: int, total: int, case: Case, event: StepEvent) -> None: ...
+
+    def case_finished(self, index: int, total: int, record: CaseRecord) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LogProgress:
+    """Progress as log lines; step lines carry case/step/expert fields for --log-format json."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def case_started(self, index: int, total: int, case: Case, plan: CasePlan) -> None:
+        self.seconds = []
+        log.info("[%d/%d] %s: %s (%s) %dx%d, %d frame(s) at %g fps, %d step(s) -> %s", index, total, case.name, plan.task_type, plan.guidance_mode,
+                 plan.width, plan.height, plan.frames, plan.fps, plan.steps, plan.output, extra={"event": "case_start", "case": case.name, "index": index, "total": total})
+
+    def step(self, index: int, total: int, case: Case, event: StepEvent) -> None:
+        self.seconds.append(event.seconds)
+        mean = sum(self.seconds) / len(self.seconds)
+        eta = mean * (event.total - event.index - 1)
+        log.info(
+            "[%d/%d] %s step %d/%d %s %.2f s/step ETA %.0f s",
+            index, total, case.name, event.index + 1, event.total, event.expert, mean, eta,
+            extra={"event": "step", "case": case.name, "step": event.index + 1, "steps": event.total, "expert": event.expert, "s_per_step": round(mean, 4), "eta_s": round(eta, 1)},
+        )
+
+    def case_finished(self, index: int, total: int, record: CaseRecord) -> None:
+        pass  # run_case logs the outcome and the phase timings whatever the progress display
+
+    def close(self) -> None:
+        pass
 
 
 def sidecar_path(output: Path) -> Path:
@@ -71,8 +122,10 @@ def _file_stamp(path: Path) -> dict[str, Any]:
     return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def fingerprint(case: Case, settings: GenerationSettings, model_identity: dict[str, Any], prompt: str | None = None) -> str:
-    """What makes an output what it is: case, media files, settings, model. Resume compares it."""
+def fingerprint(
+    case: Case, settings: GenerationSettings, model_identity: dict[str, Any], prompt: str | None = None, dtype: str | None = None
+) -> str:
+    """What makes an output what it is: case, media files, settings, model, dtype. Resume compares it."""
     payload = {
         "case": {k: v for k, v in case.to_dict().items() if k not in ("name", "source")},
         "prompt": prompt or case.prompt,
@@ -80,15 +133,17 @@ def fingerprint(case: Case, settings: GenerationSettings, model_identity: dict[s
         "settings": settings.to_dict(),
         "model": model_identity,
     }
+    if dtype is not None:
+        payload["dtype"] = dtype
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def versions() -> dict[str, str]:
     found = {"bernini": __version__, "python": platform.python_version(), "torch": torch.__version__}
-    for name in ("diffusers", "transformers", "av"):
+    for name in VERSIONED_PACKAGES:
         try:
-            found[name] = __import__(name).__version__
-        except Exception:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
             found[name] = "missing"
     return found
 
@@ -101,29 +156,15 @@ def is_complete(case: Case, plan: CasePlan, expected: str) -> bool:
         return False
     try:
         recorded = json.loads(side.read_text(encoding="utf-8")).get("fingerprint")
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, AttributeError):
         return False
-    return recorded == expected and media.verify_media(out, plan.frames, plan.width, plan.height)
-
-
-def plan_all(cases: Sequence[Case], settings: GenerationSettings, errors: list[tuple[str, str]]) -> list[tuple[Case, CasePlan]]:
-    """Probe every case's media and check every output folder before any model loads."""
-    planned = []
-    for case in cases:
-        try:
-            plan = plan_case(case, settings)
-            _check_writable(Path(plan.output), case)
-            planned.append((case, plan))
-        except CaseError as exc:
-            errors.append((case.source, str(exc)))
-    return planned
-
-
-def _check_writable(output: Path, case: Case) -> None:
-    folder = output.parent
-    existing = next((p for p in [folder, *folder.parents] if p.exists()), None)
-    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise CaseError(f"{case.source}: key 'output': folder {folder} cannot be created or written; choose another --output_dir")
+    if recorded != expected:
+        log.info("%s: %s was made from other inputs or settings; redoing it", case.name, out)
+        return False
+    if not media.verify_media(out, plan.frames, plan.width, plan.height):
+        log.info("%s: %s is incomplete or unreadable; redoing it", case.name, out)
+        return False
+    return True
 
 
 class BatchRunner:
@@ -135,58 +176,88 @@ class BatchRunner:
         settings: GenerationSettings,
         options: BatchOptions,
         model_identity: dict[str, Any],
-        enhance: Callable[[Case], tuple[str, dict[str, Any] | None]] | None = None,
-    ):
+        enhance: Enhance | None = None,
+        progress: Progress | None = None,
+        load_seconds: float | None = None,
+    ) -> None:
         self.render = render
         self.settings = settings
         self.options = options
         self.model_identity = model_identity
         self.enhance = enhance
+        self.progress = progress or LogProgress()
+        self.load_seconds = load_seconds
+
+    def fingerprint(self, case: Case) -> str:
+        runtime = self.options.runtime
+        return fingerprint(case, self.settings, self.model_identity, dtype=runtime.dtype if runtime else None)
 
     def run_case(self, index: int, total: int, case: Case, plan: CasePlan) -> CaseRecord:
-        record = CaseRecord(case.name, case.source, "failed", output=plan.output, plan=plan.to_dict())
         started = time.perf_counter()
+        timings: dict[str, float] = {}
+        status, error = "failed", None
+        self.progress.case_started(index, total, case, plan)
         try:
-            prompt, pe_info = self.enhance(case) if self.enhance else (case.prompt, None)
-            result = self.render(case, self.settings, plan=plan, prompt=prompt, on_step=_progress(index, total, case))
-            if result is None:  # a helper rank: the writer reports
-                record.status = "ok"
-                return record
-            record.timings = dict(result.timings)
-            if self.options.write_outputs:
-                clock = time.perf_counter()
-                media.write_media(result.frames, Path(plan.output), plan.fps)
-                record.timings["write"] = time.perf_counter() - clock
-                record.timings["total"] = time.perf_counter() - started
-                write_json_atomic(sidecar_path(Path(plan.output)), self._sidecar(case, plan, result, prompt, pe_info, record.timings))
-            record.status = "ok"
-            log.info("[%d/%d] %s: ok -> %s (%.1f s)", index, total, case.name, plan.output, time.perf_counter() - started)
+            status = self._render_and_write(index, total, case, plan, timings)
         except (CaseError, media.MediaError, NonFiniteError) as exc:
-            record.error = str(exc)
+            error = str(exc)
         except torch.cuda.OutOfMemoryError as exc:
-            record.error = f"out of GPU memory ({exc}); lower --max_image_size/--num_frames or use --offload"
+            error = f"out of GPU memory ({str(exc).splitlines()[0] if str(exc) else 'no detail'}); lower --max_image_size/--num_frames or use --offload expert|block"
         except Exception as exc:  # keep the batch going; the summary names the failure
             log.exception("%s failed", case.name)
-            record.error = f"{type(exc).__name__}: {exc}"
-        finally:
-            record.timings.setdefault("total", time.perf_counter() - started)
-        if record.status != "ok":
-            log.error("[%d/%d] %s: FAILED: %s", index, total, case.name, record.error)
+            error = f"{type(exc).__name__}: {exc}"
+        timings["total"] = time.perf_counter() - started
+        record = CaseRecord(case.name, case.source, status, output=plan.output, error=error, plan=plan.to_dict(), timings=timings)
+        phases = ", ".join(f"{k} {v:.2f} s" for k, v in timings.items())
+        extra = {"event": "case_end", "case": case.name, "status": status, "output": plan.output, "timings": timings}
+        if status == "ok":
+            log.info("[%d/%d] %s: ok -> %s (%s)", index, total, case.name, plan.output, phases, extra=extra)
+        else:
+            log.error("[%d/%d] %s: FAILED: %s (%s)", index, total, case.name, error, phases, extra=extra)
             release_memory()
+        self.progress.case_finished(index, total, record)
         return record
 
-    def _sidecar(self, case, plan, result, prompt, pe_info, timings) -> dict[str, Any]:
+    def _render_and_write(self, index: int, total: int, case: Case, plan: CasePlan, timings: dict[str, float]) -> str:
+        started = clock = time.perf_counter()
+        prompt, pe_info = self.enhance(case) if self.enhance else (case.prompt, None)
+        if self.enhance:
+            timings["prompt_enhance"] = time.perf_counter() - clock
+
+        def on_step(event: StepEvent) -> None:
+            self.progress.step(index, total, case, event)
+
+        result = self.render(case, self.settings, plan=plan, prompt=prompt, on_step=on_step)
+        if result is None:  # a helper rank: the writer reports
+            return "ok"
+        timings.update(result.timings)
+        if self.options.write_outputs:
+            clock = time.perf_counter()
+            media.write_media(result.frames, Path(plan.output), plan.fps)
+            timings["write"] = time.perf_counter() - clock
+            timings["total"] = time.perf_counter() - started  # the summary's total adds only bookkeeping
+            write_json_atomic(sidecar_path(Path(plan.output)), self._sidecar(case, plan, result, pe_info, timings))
+        return "ok"
+
+    def _sidecar(self, case: Case, plan: CasePlan, result: Any, pe_info: dict[str, Any] | None, timings: dict[str, float]) -> dict[str, Any]:
+        runtime = self.options.runtime
         return {
             "sidecar_version": SIDECAR_VERSION,
-            "fingerprint": fingerprint(case, self.settings, self.model_identity, case.prompt),
+            "created": _now(),
+            "output": plan.output,
+            "fingerprint": self.fingerprint(case),
             "case": case.to_dict(),
-            "plan": plan.to_dict(),
-            "seed": self.settings.seed,
-            "settings": self.settings.to_dict(),
             "prompt_used": result.prompt_used,
             "prompt_enhancer": pe_info,
-            "timings": timings,
-            **result.info,
+            "seed": self.settings.seed,
+            "effective": {"task_type": plan.task_type, "guidance_mode": plan.guidance_mode, "width": plan.width, "height": plan.height,
+                          "frames": plan.frames, "fps": plan.fps, "steps": plan.steps},
+            "settings": self.settings.to_dict(),
+            "plan": plan.to_dict(),
+            "timings": dict(timings),
+            "model_load_seconds": self.load_seconds,
+            **result.info,  # guidance_per_expert, expert_steps, attention_backend, dtype, device
+            "runtime": dataclasses.asdict(runtime) if runtime else None,
             "versions": versions(),
             "checkpoint": self.model_identity,
         }
@@ -198,55 +269,62 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _progress(index: int, total: int, case: Case) -> Callable[[StepEvent], None]:
-    done: list[float] = []
-
-    def on_step(event: StepEvent) -> None:
-        done.append(event.seconds)
-        mean = sum(done) / len(done)
-        eta = mean * (event.total - event.index - 1)
-        log.info(
-            "[%d/%d] %s step %d/%d %s %.2f s/step ETA %.0f s",
-            index, total, case.name, event.index + 1, event.total, event.expert, mean, eta,
-            extra={"event": "step", "case": case.name, "step": event.index + 1, "steps": event.total, "expert": event.expert, "eta_s": round(eta, 1)},
-        )
-
-    return on_step
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def summary_location(plans: Sequence[CasePlan], explicit: Path | None) -> Path:
+def summary_location(plans: Sequence[CasePlan], explicit: Path | None, fallback: Path | None = None) -> Path:
+    """--summary, else the common folder of the outputs (the first output's folder if that is '/')."""
     if explicit is not None:
-        return explicit
-    folders = [str(Path(p.output).parent) for p in plans] or [str(Path("outputs").resolve())]
-    return Path(os.path.commonpath(folders)) / "summary.json"
-
-
-def write_summary(path: Path, records: Sequence[CaseRecord], started: float) -> None:
-    counts: dict[str, int] = {}
-    for r in records:
-        counts[r.status] = counts.get(r.status, 0) + 1
-    write_json_atomic(path, {"counts": counts, "seconds": round(time.perf_counter() - started, 3), "cases": [r.to_dict() for r in records]})
+        return Path(explicit)
+    folders = [str(Path(p.output).parent) for p in plans]
+    if not folders:
+        return (fallback or Path("outputs")).resolve() / "summary.json"
+    common = Path(os.path.commonpath(folders))
+    return (common if common.parent != common else Path(folders[0])) / "summary.json"
 
 
 def exit_code(records: Sequence[CaseRecord]) -> int:
-    """0: everything ok (or skipped); 1: some failed; 2: nothing could run."""
+    """0: every case ok (or skipped); 2: no case could run; 1: anything in between."""
     good = sum(r.status in ("ok", "skipped") for r in records)
-    if good == len(records) and records:
+    if records and good == len(records):
         return 0
-    return 1 if good else 2
+    ran = good + sum(r.status == "failed" for r in records)
+    return 1 if ran else 2
 
 
-def format_plan(planned: Sequence[tuple[Case, CasePlan]], errors: Sequence[tuple[str, str]]) -> str:
-    """The --dry-run table: per case task, mode, size, frames, fps, forwards per step, output."""
-    lines = [f"{'case':24} {'task':6} {'mode':9} {'size':>9} {'frames':>6} {'fps':>5} {'fwd/step':>8} {'tokens':>8}  output"]
-    for case, p in planned:
-        lines.append(
-            f"{case.name[:24]:24} {p.task_type:6} {p.guidance_mode:9} {p.width:>4}x{p.height:<4} {p.frames:>6} "
-            f"{p.fps:>5g} {p.forwards_per_step:>8} {max(p.tokens_per_forward):>8}  {p.output}"
-        )
-    lines += [f"INVALID {source}: {message}" for source, message in errors]
-    lines.append(f"{len(planned)} case(s) ready, {len(errors)} invalid")
-    return "\n".join(lines)
+def write_summary(path: Path, records: Sequence[CaseRecord], info: dict[str, Any], started: float, final: bool) -> None:
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    data = {
+        "summary_version": SUMMARY_VERSION,
+        "complete": final,
+        **info,
+        "finished": _now() if final else None,
+        "seconds": round(time.perf_counter() - started, 3),
+        "exit_code": exit_code(records) if final else None,
+        "counts": counts,
+        "cases": [r.to_dict() for r in records],
+    }
+    write_json_atomic(path, data)
+
+
+def _resume(
+    planned: Sequence[tuple[Case, CasePlan]], runner_fingerprint: Callable[[Case], str], skip_existing: bool
+) -> tuple[list[tuple[Case, CasePlan]], list[CaseRecord]]:
+    todo, skipped = [], []
+    for case, plan in planned:
+        if skip_existing and is_complete(case, plan, runner_fingerprint(case)):
+            log.info("%s: complete output %s found; skipped", case.name, plan.output)
+            skipped.append(CaseRecord(case.name, case.source, "skipped", output=plan.output))
+        else:
+            todo.append((case, plan))
+    return todo, skipped
+
+
+def _not_run(todo: Sequence[tuple[Case, CasePlan]], error: str | None = None) -> list[CaseRecord]:
+    return [CaseRecord(c.name, c.source, "not_run", output=p.output, error=error) for c, p in todo]
 
 
 def run_batch(
@@ -256,31 +334,64 @@ def run_batch(
     options: BatchOptions,
     model_identity: dict[str, Any],
     load_render: Callable[[], Callable[..., Any]],
-    enhance: Callable[[Case], tuple[str, dict[str, Any] | None]] | None = None,
+    enhance: Enhance | None = None,
+    progress: Progress | None = None,
 ) -> int:
     """Run a validated batch: skip complete outputs, load models once, render, summarize. Exit code."""
     started = time.perf_counter()
+    info: dict[str, Any] = {"started": _now(), "timings": {}, "settings": settings.to_dict()}
+    if options.runtime is not None:
+        info["runtime"] = dataclasses.asdict(options.runtime)
     records = [CaseRecord(source, source, "invalid", error=message) for source, message in errors]
-    summary = summary_location([p for _, p in planned], options.summary)
-    todo: list[tuple[Case, CasePlan]] = []
-    for case, plan in planned:
-        if options.skip_existing and is_complete(case, plan, fingerprint(case, settings, model_identity)):
-            log.info("%s: complete output %s found; skipped", case.name, plan.output)
-            records.append(CaseRecord(case.name, case.source, "skipped", output=plan.output))
-        else:
-            todo.append((case, plan))
-    if todo:
-        runner = BatchRunner(load_render(), settings, options, model_identity, enhance)
-        for i, (case, plan) in enumerate(todo, 1):
-            record = runner.run_case(i, len(todo), case, plan)
-            records.append(record)
-            if options.write_outputs:
-                write_summary(summary, records, started)
-            if record.status == "failed" and options.fail_fast:
-                records += [CaseRecord(c.name, c.source, "not_run", output=p.output) for c, p in todo[i:]]
-                log.error("--fail-fast: stopping after %s", case.name)
-                break
+    summary = summary_location([p for _, p in planned], options.summary, options.output_dir)
+    runner = BatchRunner(lambda *a, **k: None, settings, options, model_identity, enhance, progress)
+    todo, skipped = _resume(planned, runner.fingerprint, options.skip_existing)
+    records += skipped
+
+    def save(final: bool) -> None:
+        if options.write_outputs:
+            write_summary(summary, records, info, started, final)
+
+    try:
+        if todo:
+            _render_all(runner, todo, load_render, info, records, save, options.fail_fast)
+    except KeyboardInterrupt:
+        done = {r.name for r in records}
+        records += _not_run([(c, p) for c, p in todo if c.name not in done], "interrupted")
+        save(True)
+        raise
+    finally:
+        runner.progress.close()
+    save(True)
     if options.write_outputs:
-        write_summary(summary, records, started)
-        log.info("summary: %s", summary)
+        log.info("summary: %s", summary, extra={"event": "summary", "output": str(summary)})
     return exit_code(records)
+
+
+def _render_all(
+    runner: BatchRunner,
+    todo: Sequence[tuple[Case, CasePlan]],
+    load_render: Callable[[], Callable[..., Any]],
+    info: dict[str, Any],
+    records: list[CaseRecord],
+    save: Callable[[bool], None],
+    fail_fast: bool,
+) -> None:
+    """Load once, then render into `records`; a model that cannot load leaves every case not_run."""
+    clock = time.perf_counter()
+    try:
+        runner.render = load_render()
+    except Exception as exc:
+        log.error("the models could not be loaded: %s: %s", type(exc).__name__, exc, exc_info=not isinstance(exc, ValueError))
+        records += _not_run(todo, f"models could not be loaded: {type(exc).__name__}: {exc}")
+        return
+    runner.load_seconds = info["timings"]["load"] = round(time.perf_counter() - clock, 3)
+    log.info("load: %.2f s", runner.load_seconds, extra={"event": "load", "seconds": runner.load_seconds})
+    for i, (case, plan) in enumerate(todo, 1):
+        record = runner.run_case(i, len(todo), case, plan)
+        records.append(record)
+        save(False)
+        if record.status == "failed" and fail_fast:
+            records += _not_run(todo[i:], f"--fail-fast: not run after {case.name} failed")
+            log.error("--fail-fast: stopping after %s", case.name)
+            break

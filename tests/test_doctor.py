@@ -1,0 +1,142 @@
+"""`python -m bernini doctor` / make-tiny, and the memory estimate's arithmetic (A14B numbers)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bernini import doctor, memory
+from bernini.__main__ import main as bernini_main
+from bernini.models.transformer import TransformerConfig, WanTransformer
+from bernini.plan import CasePlan, MediaPlan
+from bernini.testing import tiny_checkpoints
+
+REPO = Path(__file__).resolve().parent.parent
+A14B_TRANSFORMER = {
+    "patch_size": [1, 2, 2], "num_attention_heads": 40, "attention_head_dim": 128, "in_channels": 16, "out_channels": 16,
+    "text_dim": 4096, "freq_dim": 256, "ffn_dim": 13824, "num_layers": 40, "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads",
+}
+UMT5_XXL = {
+    "model_type": "umt5", "d_model": 4096, "num_layers": 24, "num_heads": 64, "d_kv": 64, "d_ff": 10240, "vocab_size": 256384,
+    "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 32,
+}
+A14B = memory.ModelSizes(
+    expert_params=memory.transformer_params(A14B_TRANSFORMER), experts=2, text_encoder_params=memory.umt5_encoder_params(UMT5_XXL),
+    vae_bytes=507_591_892, dim=5120, ffn_dim=13824, num_layers=40,
+)
+V2V_480P = memory.Workload(tokens=2 * 2 * 21 * 30 * 53, pixels=848 * 480, frames=81)  # source + target, 2 combos batched
+
+
+@pytest.fixture(scope="session")
+def tiny() -> Path:
+    return tiny_checkpoints().diffusers
+
+
+def test_doctor_text_in_a_subprocess(tiny: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "bernini", "doctor", "--config", str(tiny)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for fact in ("python", "torch", "CUDA available", "attention on", "auto ->", "encode libx264: yes", "decode h264: yes", "diffusers", "flash-attn", "resolves offline"):
+        assert fact in proc.stdout, fact
+
+
+def test_doctor_json(tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert doctor.main(["--json", "--config", str(tiny)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {"python", "torch", "gpus", "host_free_gb", "attention", "codecs", "packages", "config"} <= set(report)
+    assert report["attention"]["auto"] == ("sdpa" if not torch.cuda.is_available() else report["attention"]["auto"])
+    assert report["attention"]["backends"]["sdpa"] == "usable"
+    assert {"torch", "diffusers", "transformers", "accelerate", "safetensors", "huggingface_hub", "av", "openai", "gradio", "flash-attn"} <= set(report["packages"])
+    assert report["codecs"]["encode_libx264"] == "yes" and report["codecs"]["decode_h264"] == "yes"
+    config = report["config"]
+    assert config["resolves_offline"] and config["base"] == str(tiny) and set(config["experts"]) == {"high", "low"} and config["missing"] == []
+
+
+def test_doctor_never_downloads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert bernini_main(["doctor", "--config", "Wan-AI/Wan2.2-T2V-A14B-Diffusers"]) == 0
+    out = capsys.readouterr().out
+    assert "does NOT resolve offline" in out and "hf download Wan-AI/Wan2.2-T2V-A14B-Diffusers" in out
+    assert not (tmp_path / "hf" / "hub").exists() or not any((tmp_path / "hf" / "hub").rglob("*.safetensors"))
+    import os
+
+    assert "HF_HUB_OFFLINE" not in os.environ, "the offline switch is put back"
+
+
+def test_make_tiny_and_usage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert bernini_main(["make-tiny", str(tmp_path / "t")]) == 0
+    assert (tmp_path / "t" / "Bernini-R-Diffusers" / "transformer" / "config.json").is_file()
+    assert bernini_main([]) == 2 and "doctor" in capsys.readouterr().err
+
+
+def test_a14b_expert_is_14_29_b_params_and_28_6_gb() -> None:
+    assert A14B.expert_params == 14_288_491_584
+    est = memory.estimate(A14B, V2V_480P, dtype="bfloat16", offload="none")
+    assert round(est.expert_bytes / memory.GB, 1) == 28.6
+    assert round(est.text_encoder_bytes / memory.GB, 1) == 11.4
+    assert est.fits is None and est.suggestions == ()  # free memory unknown: no verdict
+
+
+def test_param_formulas_match_the_real_modules(tiny: Path) -> None:
+    from transformers import AutoConfig, UMT5EncoderModel
+
+    cfg = json.loads((tiny / "transformer" / "config.json").read_text())
+    with torch.device("meta"):
+        dit = WanTransformer(TransformerConfig.from_dict(cfg))
+        text = UMT5EncoderModel(AutoConfig.from_pretrained(tiny / "text_encoder"))
+    assert memory.transformer_params(cfg) == sum(p.numel() for p in dit.parameters())
+    assert memory.umt5_encoder_params(json.loads((tiny / "text_encoder" / "config.json").read_text())) == sum(p.numel() for p in text.parameters())
+    sizes = memory.read_sizes(tiny)
+    assert sizes.expert_params == memory.transformer_params(cfg) and sizes.vae_bytes > 0 and sizes.vae_base_dim == 8
+
+
+def test_activation_arithmetic() -> None:
+    tokens = 10_000
+    per_token = (6 * 5120 + 2 * 13824) * 2 + 3 * 5120 * 2 + 2 * 5120 * 4
+    text_kv = 40 * 2 * 512 * 5120 * 2 * 2
+    assert memory.activation_bytes(tokens, A14B, 2) == tokens * per_token + text_kv
+
+
+def test_80gb_gpu_needs_offload_and_the_estimate_says_which() -> None:
+    est = memory.estimate(A14B, V2V_480P, dtype="bfloat16", offload="none", gpu_free=79e9, host_free=200e9)
+    assert est.fits is False
+    assert est.placement.gpu_bytes > 2 * 28.5e9 + 11.3e9
+    assert est.suggestions[0] == "--offload expert"
+    text = memory.format_estimate(est)
+    assert "28.6 GB" in text and "does NOT fit" in text and "would fit with: --offload expert" in text
+    auto = memory.estimate(A14B, V2V_480P, dtype="bfloat16", offload="auto", gpu_free=79e9, host_free=200e9)
+    assert auto.fits and auto.placement.flags == "--offload expert"
+    roomy = memory.estimate(A14B, V2V_480P, dtype="bfloat16", offload="auto", gpu_free=139e9, host_free=200e9)
+    assert roomy.fits and roomy.placement.flags == "--offload none"
+
+
+def test_too_large_for_any_placement_suggests_smaller_cases() -> None:
+    huge = memory.Workload(tokens=2_000_000, pixels=1280 * 720, frames=81)
+    est = memory.estimate(A14B, huge, dtype="bfloat16", offload="block", t5_cpu=True, gpu_free=79e9, host_free=200e9)
+    assert est.fits is False and "--max_image_size" in est.suggestions[0]
+
+
+def test_small_host_blocks_offload_suggestions() -> None:
+    est = memory.estimate(A14B, V2V_480P, dtype="bfloat16", offload="none", gpu_free=79e9, host_free=16e9)
+    assert est.fits is False and all("expert" not in s and "block" not in s for s in est.suggestions)
+
+
+def test_cpu_run_counts_host_memory_only() -> None:
+    est = memory.estimate(A14B, V2V_480P, dtype="float32", on_gpu=False, host_free=64e9)
+    assert est.placement.gpu_bytes == 0 and est.placement.host_bytes > 2 * 57e9 and est.fits is False
+
+
+def plan(tokens: tuple[int, ...], width: int = 848, height: int = 480, frames: int = 81) -> CasePlan:
+    src = MediaPlan("s.mp4", "video", frames, width, height, (21, 30, 53))
+    return CasePlan("c", "v2v", "v2v", frames, width, height, 16.0, (21, 30, 53), "o.mp4", (src,), len(tokens), tokens, 40)
+
+
+def test_workload_batches_equal_length_combos() -> None:
+    plans = [plan((66780, 66780)), plan((33390, 66780, 66780, 100000), 640, 352, 49)]
+    assert memory.workload_of(plans, batch_combos=True) == memory.Workload(tokens=133560, pixels=848 * 480, frames=81)
+    assert memory.workload_of(plans, batch_combos=False).tokens == 100000
