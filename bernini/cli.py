@@ -77,7 +77,7 @@ def build_parser(prog: str, multi_gpu: bool = False) -> argparse.ArgumentParser:
     r.add_argument("--device", default="cuda")
     r.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     r.add_argument("--attention", default="auto", choices=("auto", "fa3", "fa4", "fa2", "sdpa"))
-    r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="regional torch.compile of the blocks")
+    r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="regional torch.compile of the blocks (default: on for CUDA, off on the CPU)")
     r.add_argument("--batch_combos", action=argparse.BooleanOptionalAction, default=True, help="run equal-length guidance passes as one batch")
     r.add_argument("--offload", default="auto", choices=("auto", "none", "expert", "block"))
     r.add_argument("--t5_cpu", action="store_true", help="keep the text encoder on the CPU")

@@ -103,7 +103,7 @@ class RuntimeConfig:
     device: str = "cuda"
     dtype: str = "bfloat16"
     attention: str = "auto"
-    compile: bool = False
+    compile: bool | None = None  # None: on for CUDA devices, off on the CPU (compiling costs more than it saves there)
     batch_combos: bool = True  # run equal-length combos of one step as one batch
     offload: str = "auto"  # none | expert | block | auto
     t5_cpu: bool = False
