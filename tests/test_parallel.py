@@ -227,8 +227,15 @@ def test_nccl_ulysses_attention_and_cfg_exchange_match_one_device(flags: tuple[s
 
 @pytest.mark.parametrize(
     ("nproc", "flags", "writers"),
-    [(2, ("--ulysses", "2"), {0}), (2, ("--cfg_parallel", "2"), {0}), (2, (), {0, 1}), (4, ("--ulysses", "2", "--cfg_parallel", "2"), {0})],
-    ids=["ulysses2", "cfg2", "data2", "cfg2xulysses2"],
+    [
+        (2, ("--ulysses", "2"), {0}),
+        (2, ("--cfg_parallel", "2"), {0}),
+        (2, (), {0, 1}),
+        (4, ("--ulysses", "2", "--cfg_parallel", "2"), {0}),
+        # The 8-rank layout of issue 9 (2 data-parallel groups of CFG 2 x Ulysses 2), on gloo.
+        (8, ("--ulysses", "2", "--cfg_parallel", "2"), {0, 4}),
+    ],
+    ids=["ulysses2", "cfg2", "data2", "cfg2xulysses2", "8ranks-dp2xcfg2xulysses2"],
 )
 def test_parallel_latents_match_one_process(tiny: Path, reference: dict, tmp_path: Path, nproc: int, flags: tuple, writers: set) -> None:
     got = parallel_latents(tiny, tmp_path / "latents", nproc, *flags)
