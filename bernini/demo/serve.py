@@ -1,0 +1,257 @@
+"""Launching the demo: its flags, who may reach it, and serving on one GPU or from every rank of a torchrun group."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import gradio as gr
+import torch
+
+from bernini.cli import configure_logging, runtime_from, settings_from
+from bernini.config import GenerationSettings, RuntimeConfig
+from bernini.demo.page import build_app
+from bernini.demo.service import DemoService, DistPeers, JobRunner, LocalPeers
+from bernini.main import make_enhancer, model_identity
+from bernini.parallel.groups import Groups, LaunchEnv, Topology, build_topology, destroy_distributed, init_distributed
+from bernini.parallel.runner import build_parser as multi_gpu_parser
+from bernini.parallel.runner import device_for, expert_heads, install
+from bernini.parallel.status import CheckedRender, GroupStatus, describe
+from bernini.runner import BatchOptions
+
+if TYPE_CHECKING:
+    from bernini.pipeline import Renderer
+
+log = logging.getLogger(__package__)  # "bernini.demo" for every module of the demo, as log lines always named it
+
+LOCALHOST = "127.0.0.1"
+PUBLIC_HOST = "0.0.0.0"
+DEFAULT_SAVE_DIR = "outputs/gradio"
+# Flags of the batch CLI with no meaning here: the browser supplies the case.
+BATCH_ONLY = (
+    "case", "inputs", "prompt", "task_type", "video", "image", "images", "output", "output_dir", "guidance_mode",
+    "pe_only", "dry_run", "fail_fast", "skip_existing", "summary",
+)
+
+
+# ---------------------------------------------------------------- flags and access
+
+
+def build_parser(prog: str = "gradio_demo.py") -> argparse.ArgumentParser:
+    """The CLI's model, generation, prompt-enhancer, runtime and multi-GPU flags, plus the demo's own."""
+    parser = multi_gpu_parser(prog)
+    parser.description = "Serve Bernini-R in the browser (README.md, 'Gradio demo'). Binds 127.0.0.1 unless told otherwise."
+    _hide(parser, BATCH_ONLY)
+    d = parser.add_argument_group("demo")
+    d.add_argument("--port", type=int, default=7860)
+    d.add_argument("--listen", action="store_true", help=f"serve on {PUBLIC_HOST} (every interface), not {LOCALHOST}; needs --auth or --auth_file")
+    d.add_argument("--share", action="store_true", help="also open a public gradio.live link; needs --auth or --auth_file")
+    d.add_argument("--auth", metavar="USER:PASS", help="login for the page (required with --listen or --share)")
+    d.add_argument("--auth_file", type=Path, help="file of USER:PASS lines ('#' comments); keeps passwords out of the process list")
+    d.add_argument("--save_dir", type=Path, default=Path(DEFAULT_SAVE_DIR), help="results and their JSON sidecars; the only folder the server serves files from")
+    d.add_argument("--queue_size", type=int, default=20, help="requests that may wait; more are refused until the queue drains")
+    d.add_argument("--max_file_size", default="500mb", help="upload size cap, gradio syntax (500mb, 2gb)")
+    return parser
+
+
+def _hide(parser: argparse.ArgumentParser, dests: Sequence[str]) -> None:
+    for action in parser._actions:  # argparse has no public lookup by dest
+        if action.dest in dests:
+            action.help = argparse.SUPPRESS
+
+
+def parse_args(argv: Sequence[str] | None = None, prog: str = "gradio_demo.py") -> argparse.Namespace:
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    for dest in BATCH_ONLY:
+        if getattr(args, dest) != parser.get_default(dest):
+            parser.error(f"--{dest} is a batch flag of infer_single_gpu.py; in the demo the browser gives the task, prompt and media")
+    return args
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who can reach the server: the bound address, the share link, and the logins."""
+
+    host: str = LOCALHOST
+    port: int = 7860
+    share: bool = False
+    auth: tuple[tuple[str, str], ...] = ()
+
+
+def parse_login(text: str, where: str) -> tuple[str, str]:
+    """'user:pass' -> (user, pass); the message never repeats the password."""
+    user, sep, password = text.strip().partition(":")
+    if not sep or not user or not password:
+        raise ValueError(f"{where}: a login is USER:PASS with both parts non-empty")
+    return user, password
+
+
+def read_auth_file(path: Path) -> list[tuple[str, str]]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ValueError(f"--auth_file {path} cannot be read ({exc.strerror or exc})") from None
+    logins = [parse_login(line, f"--auth_file {path}:{n}") for n, line in enumerate(lines, 1) if line.strip() and not line.lstrip().startswith("#")]
+    if not logins:
+        raise ValueError(f"--auth_file {path} holds no USER:PASS line")
+    return logins
+
+
+def access_from(args: argparse.Namespace) -> Access:
+    """Refuse to expose the demo beyond this machine without a login; ValueError says what to add."""
+    logins = ([parse_login(args.auth, "--auth")] if args.auth else []) + (read_auth_file(args.auth_file) if args.auth_file else [])
+    exposed = [flag for flag, on in (("--listen", args.listen), ("--share", args.share)) if on]
+    if exposed and not logins:
+        flags = " and ".join(exposed)
+        raise ValueError(
+            f"{flags} would let anyone who reaches this machine (or the link) use the GPU without a login: "
+            f"add --auth USER:PASS or --auth_file FILE, or drop {flags} to serve on {LOCALHOST} only"
+        )
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port {args.port} is not a TCP port (1-65535)")
+    return Access(PUBLIC_HOST if args.listen else LOCALHOST, args.port, args.share, tuple(logins))
+
+
+def launch_options(access: Access, save_dir: Path, max_file_size: str) -> dict[str, Any]:
+    """Keyword arguments of gr.Blocks.launch: nothing public, served or phoning home unless asked."""
+    return {
+        "server_name": access.host,
+        "server_port": access.port,
+        "share": access.share,
+        "auth": list(access.auth) or None,
+        "allowed_paths": [str(save_dir.resolve())],  # besides gradio's own uploads, the only files served
+        "max_file_size": max_file_size,
+        "show_error": False,  # unexpected exceptions stay in the log; expected ones are gr.Error messages
+        "quiet": True,  # the library logs the address itself
+        "ssr_mode": False,
+        "mcp_server": False,
+        "enable_monitoring": False,
+        "run_history": False,  # its page can push results to a remote bucket
+    }
+
+
+def start(app: gr.Blocks, access: Access, save_dir: Path, max_file_size: str = "500mb", queue_size: int = 20) -> str:
+    """Queue (bounded, one render at a time) and serve without blocking; the local URL."""
+    if queue_size < 1:
+        raise ValueError(f"--queue_size {queue_size} is invalid: at least 1 request must be able to wait")
+    app.queue(max_size=queue_size, default_concurrency_limit=1)
+    _, local_url, share_url = app.launch(prevent_thread_lock=True, **launch_options(access, save_dir, max_file_size))
+    log.info("demo on %s%s; results in %s%s", local_url, f" and {share_url}" if share_url else "", save_dir, " (login required)" if access.auth else "")
+    return local_url
+
+
+# ---------------------------------------------------------------- entry
+
+
+def base_settings(args: argparse.Namespace) -> GenerationSettings:
+    """The launch flags as settings; the page's knobs start from these values."""
+    return settings_from(args)
+
+
+def serve_page(args: argparse.Namespace, access: Access, runner: JobRunner) -> int:
+    """Rank 0 (or the only process): the page, until interrupted."""
+    save_dir = args.save_dir.resolve()
+    save_dir.mkdir(parents=True, exist_ok=True)
+    enhance = make_enhancer(args) if args.use_pe else None
+    service = DemoService(runner, base_settings(args), save_dir, enhance)
+    app = build_app(service, args.use_pe)
+    try:
+        start(app, access, save_dir, args.max_file_size, args.queue_size)
+        app.block_thread()
+    finally:
+        runner.peers.send(None)  # release the other ranks
+    return 0
+
+
+def serve_single(args: argparse.Namespace, access: Access, sources: Any, runtime: RuntimeConfig) -> int:
+    from bernini.pipeline import Renderer
+
+    renderer = Renderer.load(sources, runtime)
+    options = BatchOptions(output_dir=args.save_dir.resolve(), runtime=runtime)
+    runner = JobRunner(renderer.render, model_identity(sources), options, LocalPeers(), renderer.load_seconds, renderer.device)
+    return serve_page(args, access, runner)
+
+
+def group_topology(args: argparse.Namespace, env: LaunchEnv, sources: Any) -> Topology:
+    topology = build_topology(env, args.ulysses, args.cfg_parallel, expert_heads(sources))
+    if topology.dp != 1:
+        raise ValueError(
+            f"the demo renders each request with every rank: launch --nproc-per-node {topology.model_size} "
+            f"(--ulysses x --cfg_parallel = {args.ulysses} x {args.cfg_parallel}), not WORLD_SIZE {env.world_size}"
+        )
+    return topology
+
+
+def load_in_group(sources: Any, runtime: RuntimeConfig, topology: Topology, groups: Groups) -> Renderer | None:
+    """Load this rank's renderer; None on every rank when any rank failed (all of them hear of it)."""
+    from bernini.pipeline import Renderer
+
+    renderer, error = None, None
+    try:
+        renderer = Renderer.load(sources, runtime)
+        install(renderer, topology, groups)
+    except Exception as exc:  # reported through the status exchange below, never left to a hang
+        log.error("the models could not be loaded: %s", describe(exc), exc_info=not isinstance(exc, ValueError))
+        error = describe(exc)
+    failure = GroupStatus.first(GroupStatus(groups.model, topology.model_size).errors(error))
+    if failure is not None:
+        log.error("the demo cannot start: %s", failure)
+        return None
+    return renderer
+
+
+def serve_group(args: argparse.Namespace, access: Access, sources: Any, runtime: RuntimeConfig, env: LaunchEnv) -> int:
+    """torchrun: every rank loads its part; rank 0 serves the page and shares each request."""
+    topology = group_topology(args, env, sources)
+    device = device_for(args.device, env)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    groups = init_distributed(topology, env, device, args.dist_timeout)
+    try:
+        runtime = dataclasses.replace(runtime, device=str(device))
+        renderer = load_in_group(sources, runtime, topology, groups)
+        if renderer is None:
+            return 2
+        render = CheckedRender(renderer, GroupStatus(groups.model, topology.model_size), writer=topology.is_leader)
+        options = BatchOptions(output_dir=args.save_dir.resolve(), runtime=runtime, write_outputs=topology.is_leader)
+        runner = JobRunner(render, model_identity(sources), options, DistPeers(groups), renderer.load_seconds, renderer.device)
+        if topology.rank == 0:
+            return serve_page(args, access, runner)
+        runner.serve_peer()
+        return 0
+    finally:
+        destroy_distributed()
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "gradio_demo.py") -> int:
+    args = parse_args(argv, prog)
+    try:
+        env = LaunchEnv.from_environ()
+    except ValueError as exc:
+        configure_logging(args.log_format, args.verbose)
+        log.error("%s", exc)
+        return 2
+    configure_logging(args.log_format, args.verbose, env.rank)
+    from bernini.pipeline import resolve_sources
+
+    try:  # identical on every rank: all stop here, before any collective or model load
+        access = access_from(args)
+        base_settings(args)
+        runtime = runtime_from(args)
+        sources = resolve_sources(args.config, args.high_noise_ckpt, args.low_noise_ckpt)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    try:
+        if env.world_size > 1 or args.ulysses > 1 or args.cfg_parallel > 1:
+            return serve_group(args, access, sources, runtime, env)
+        return serve_single(args, access, sources, runtime)
+    except (ValueError, OSError) as exc:  # weights that do not load, a port in use
+        log.error("%s", exc)
+        return 2

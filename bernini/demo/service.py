@@ -1,0 +1,288 @@
+"""Browser requests checked like the CLI's cases and rendered one at a time, by every rank of the launch."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from bernini.cases import Case, CaseError, parse_case
+from bernini.config import GenerationSettings
+from bernini.parallel.groups import Groups
+from bernini.plan import CasePlan, plan_case
+from bernini.runner import BatchOptions, BatchRunner, CaseRecord, sidecar_path
+from bernini.sampling import StepEvent
+from bernini.tasks import Task
+
+REQUEST_SOURCE = "request"  # how validation messages name a browser request (the CLI says the case file)
+INT_KNOBS = ("seed", "num_inference_steps", "num_frames", "max_image_size", "height", "width")
+FLOAT_KNOBS = ("fps", "flow_shift", "omega_vid", "omega_img", "omega_txt", "omega_scale")
+KNOBS = INT_KNOBS + FLOAT_KNOBS
+
+Enhance = Callable[[Case], tuple[str, dict[str, Any]]]
+
+
+class Cancelled(CaseError):
+    """The user stopped the request; a CaseError so that BatchRunner reports it in one line, no traceback."""
+
+
+class RenderError(RuntimeError):
+    """A valid request whose render failed (out of memory, non-finite latent, a peer rank failed...)."""
+
+
+# ---------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class DemoRequest:
+    """One browser request: the case keys plus the generation knobs the page sets."""
+
+    task_type: str
+    prompt: str
+    guidance_mode: str | None = None  # None: the task's default
+    videos: tuple[str, ...] = ()
+    image: str | None = None
+    images: tuple[str, ...] = ()
+    use_pe: bool = False
+    knobs: Mapping[str, Any] = field(default_factory=dict)  # GenerationSettings fields (KNOBS)
+
+    def case_data(self) -> dict[str, Any]:
+        """The request as a case-file object, so parse_case checks it exactly like the CLI."""
+        data: dict[str, Any] = {"task_type": self.task_type, "prompt": self.prompt}
+        if self.guidance_mode:
+            data["guidance_mode"] = self.guidance_mode
+        if self.videos:
+            data["video"] = list(self.videos)
+        if self.image:
+            data["image"] = self.image
+        if self.images:
+            data["images"] = list(self.images)
+        return data
+
+
+def settings_with(base: GenerationSettings, knobs: Mapping[str, Any]) -> GenerationSettings:
+    """The launch settings with the page's knobs; ValueError names a bad one."""
+    unknown = sorted(set(knobs) - set(KNOBS))
+    if unknown:
+        raise ValueError(f"unknown generation setting {unknown[0]!r}; the page sets: {', '.join(KNOBS)}")
+    values: dict[str, Any] = {}
+    for name, value in knobs.items():
+        if value is None:
+            continue
+        try:
+            values[name] = int(value) if name in INT_KNOBS else float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"invalid generation setting: {name} must be a number, got {value!r}") from None
+    return replace(base, **values)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A validated request, as every rank renders it."""
+
+    case: Case
+    plan: CasePlan
+    settings: GenerationSettings
+    prompt: str
+    pe_info: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    output: Path
+    sidecar: Path
+    kind: str  # image | video
+    prompt: str  # the prompt rendered (after the enhancer), without the task's system prompt
+    status: str
+
+
+# ---------------------------------------------------------------- ranks
+
+
+class Peers(Protocol):
+    """The other ranks of a torchrun launch: rank 0 sends each job, all agree on stopping."""
+
+    def send(self, job: Job | None) -> None: ...
+
+    def receive(self) -> Job | None: ...
+
+    def agree(self, stop: bool) -> bool: ...
+
+
+class LocalPeers:
+    """One process: nobody to tell."""
+
+    def send(self, job: Job | None) -> None:
+        pass
+
+    def receive(self) -> Job | None:
+        return None
+
+    def agree(self, stop: bool) -> bool:
+        return stop
+
+
+class DistPeers:
+    """Ranks of one model group: jobs go out on the control group, the stop flag every step on the model group."""
+
+    def __init__(self, groups: Groups) -> None:
+        self.groups = groups
+
+    def send(self, job: Job | None) -> None:
+        dist.broadcast_object_list([job], src=0, group=self.groups.control)
+
+    def receive(self) -> Job | None:
+        box: list[Job | None] = [None]
+        dist.broadcast_object_list(box, src=0, group=self.groups.control)
+        return box[0]
+
+    def agree(self, stop: bool) -> bool:
+        # Every rank leaves the case at the same step, or the others would wait in a collective.
+        flag = [stop]
+        dist.broadcast_object_list(flag, src=0, group=self.groups.model)
+        return bool(flag[0])
+
+
+def _ignore(event: StepEvent) -> None:
+    pass
+
+
+class StepProgress:
+    """runner.Progress for one request: reports each step and raises Cancelled between steps."""
+
+    def __init__(self, stop: Callable[[], bool], report: Callable[[StepEvent], None] | None = None) -> None:
+        self.stop = stop
+        self.report = report or _ignore
+
+    def case_started(self, index: int, total: int, case: Case, plan: CasePlan) -> None:
+        pass
+
+    def step(self, index: int, total: int, case: Case, event: StepEvent) -> None:
+        if self.stop():
+            raise Cancelled(f"cancelled after step {event.index + 1}/{event.total}; nothing was saved")
+        self.report(event)
+
+    def case_finished(self, index: int, total: int, record: CaseRecord) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class JobRunner:
+    """Renders jobs through BatchRunner, so outputs are written atomically with the CLI's sidecar."""
+
+    def __init__(
+        self,
+        render: Callable[..., Any],
+        identity: dict[str, Any],
+        options: BatchOptions,
+        peers: Peers | None = None,
+        load_seconds: float | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        self.render = render
+        self.identity = identity
+        self.options = options
+        self.peers = peers or LocalPeers()
+        self.load_seconds = load_seconds
+        self.device = device
+
+    def _on_device(self) -> AbstractContextManager[Any]:
+        # Gradio renders in a worker thread, whose current CUDA device is 0 whatever the renderer's is.
+        return torch.cuda.device(self.device) if self.device is not None and self.device.type == "cuda" else nullcontext()
+
+    def run(self, job: Job, progress: StepProgress) -> CaseRecord:
+        """Rank 0: share the job with the other ranks, then render it with them."""
+        self.peers.send(job)
+        return self.run_here(job, progress)
+
+    def run_here(self, job: Job, progress: StepProgress) -> CaseRecord:
+        # The prompt was enhanced once on rank 0; every rank replays it.
+        enhance = None if job.pe_info is None else (lambda _case: (job.prompt, job.pe_info))
+        runner = BatchRunner(self.render, job.settings, self.options, self.identity, enhance, progress, self.load_seconds)
+        with self._on_device():
+            return runner.run_case(1, 1, job.case, job.plan)
+
+    def serve_peer(self) -> None:
+        """Ranks > 0: render what rank 0 sends until it sends None."""
+        while (job := self.peers.receive()) is not None:
+            self.run_here(job, StepProgress(lambda: self.peers.agree(False)))
+
+
+class DemoService:
+    """Validates requests like the CLI and renders them one at a time; what the page and tests call."""
+
+    def __init__(self, runner: JobRunner, settings: GenerationSettings, save_dir: Path, enhance: Enhance | None = None) -> None:
+        self.runner = runner
+        self.settings = settings
+        self.save_dir = save_dir.resolve()
+        self.enhance = enhance
+        # One render at a time even when gradio abandons a cancelled call's thread (it cannot kill it).
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._session: str | None = None
+
+    def prepare(self, request: DemoRequest) -> Job:
+        """Check the request exactly as the CLI checks a case file; CaseError/ValueError say what is wrong."""
+        if request.use_pe and self.enhance is None:
+            raise ValueError("the prompt enhancer is off: start the demo with --use_pe to use it")
+        settings = settings_with(self.settings, request.knobs)
+        case = parse_case(request.case_data(), source=REQUEST_SOURCE, name="request", base=None)
+        name = f"{case.task_type}_{datetime.now():%Y%m%d_%H%M%S_%f}"
+        case = replace(case, name=name, output=self._free_output(name, case.task), explicit_output=True)
+        plan = plan_case(case, settings)
+        prompt, pe_info = self._enhanced(case) if request.use_pe else (case.prompt, None)
+        return Job(case, plan, settings, prompt, pe_info)
+
+    def _enhanced(self, case: Case) -> tuple[str, dict[str, Any] | None]:
+        assert self.enhance is not None
+        try:
+            return self.enhance(case)
+        except Exception as exc:  # an outside service (--pe_on_error fail): any failure ends this request only
+            raise RenderError(f"prompt enhancement failed: {type(exc).__name__}: {exc}") from exc
+
+    def _free_output(self, name: str, task: Task) -> Path:
+        suffix = ".png" if task.single_frame else ".mp4"
+        path, n = self.save_dir / f"{name}{suffix}", 2
+        while path.exists():
+            path, n = self.save_dir / f"{name}_{n}{suffix}", n + 1
+        return path
+
+    def generate(self, request: DemoRequest, report: Callable[[StepEvent], None] | None = None, session: str | None = None) -> DemoResult:
+        """Validate, render and save; raises ValueError (bad request), Cancelled or RenderError."""
+        job = self.prepare(request)
+        with self._lock:
+            self._session = session
+            self._stop.clear()
+            try:
+                record = self.runner.run(job, StepProgress(lambda: self.runner.peers.agree(self._stop.is_set()), report))
+                stopped = self._stop.is_set()
+            finally:
+                self._session = None
+        return self._result(job, record, stopped)
+
+    def cancel(self, session: str | None = None) -> bool:
+        """Stop the running request at its next step if it belongs to `session`; True if one was asked to stop."""
+        if not self._lock.locked() or self._session != session:
+            return False
+        self._stop.set()
+        return True
+
+    def _result(self, job: Job, record: CaseRecord, stopped: bool) -> DemoResult:
+        if record.status != "ok":
+            if stopped:
+                raise Cancelled(record.error or "cancelled")
+            raise RenderError(f"the render failed: {record.error}")
+        plan, output = job.plan, Path(job.plan.output)
+        seconds = record.timings.get("total", 0.0)
+        status = f"saved {output.name} ({plan.width}x{plan.height}, {plan.frames} frame(s), {plan.guidance_mode}, {plan.steps} steps, {seconds:.1f} s)"
+        kind = "image" if output.suffix == ".png" else "video"
+        return DemoResult(output, sidecar_path(output), kind, job.prompt, status)
