@@ -81,6 +81,9 @@ def build_parser(prog: str, multi_gpu: bool = False) -> argparse.ArgumentParser:
     r.add_argument("--batch_combos", action=argparse.BooleanOptionalAction, default=True, help="run equal-length guidance passes as one batch")
     r.add_argument("--offload", default="auto", choices=("auto", "none", "expert", "block"))
     r.add_argument("--t5_cpu", action="store_true", help="keep the text encoder on the CPU")
+    r.add_argument("--weights", default="bf16", choices=("bf16", "fp8"), help="fp8: block Linear weights as float8_e4m3fn + per-channel scales (lossy, about half the memory)")
+    r.add_argument("--max_gpu_memory", type=float, metavar="GiB", help="plan for (and cap the allocator at) this much GPU memory")
+    r.add_argument("--vae_tiling", action=argparse.BooleanOptionalAction, default=None, help="tiled VAE encode/decode (default: when memory is short)")
 
     b = p.add_argument_group("batch (bernini)")
     b.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true", help="validate and print the plan; load no model")
@@ -134,6 +137,9 @@ def runtime_from(args: argparse.Namespace) -> RuntimeConfig:
         batch_combos=args.batch_combos,
         offload=args.offload,
         t5_cpu=args.t5_cpu,
+        weights=args.weights,
+        max_gpu_memory=args.max_gpu_memory,
+        vae_tiling=args.vae_tiling,
     )
 
 

@@ -107,4 +107,7 @@ class RuntimeConfig:
     batch_combos: bool = True  # run equal-length combos of one step as one batch
     offload: str = "auto"  # none | expert | block | auto
     t5_cpu: bool = False
+    weights: str = "bf16"  # bf16 | fp8: block Linear weights stored as float8_e4m3fn (lossy, about half the memory)
+    max_gpu_memory: float | None = None  # GiB the memory plan may use (None: what is free)
+    vae_tiling: bool | None = None  # None: the memory plan decides
     extra: dict[str, Any] = field(default_factory=dict)

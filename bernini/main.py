@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "infer_single_gpu.py") -
         return 2
     log_memory(sources, [p for _, p in planned], runtime)
     enhance = make_enhancer(args) if args.use_pe else None
-    code = run_batch(planned, errors, settings, options, identity, lambda: Renderer.load(sources, runtime).render, enhance, progress_for(args.log_format))
+    code = run_batch(planned, errors, settings, options, identity, lambda: Renderer.load(sources, runtime, memory.workload_of([p for _, p in planned], runtime.batch_combos)).render, enhance, progress_for(args.log_format))
     print(summary_location([p for _, p in planned], options.summary, options.output_dir))
     return code
 

@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from bernini import attention, media, weights
+from bernini import attention, fp8, media, memory, offload, weights
 from bernini.cases import Case
 from bernini.conditioning import Conditions, Source, SourceIdRule
 from bernini.config import DEFAULT_CONFIG_DIR, GenerationSettings, RendererConfig, RuntimeConfig
@@ -21,6 +22,7 @@ from bernini.guidance import APGSettings, GuidanceScales, get_mode
 from bernini.models.text_encoder import TextEncoder, positive_text
 from bernini.models.transformer import TransformerConfig, WanTransformer, compile_blocks, patchify, unpatchify
 from bernini.models.vae import VAE
+from bernini.offload import ExpertStore, MemoryPlan
 from bernini.plan import PATCH, CasePlan, plan_case
 from bernini.sampling import Denoiser, LocalCombos, SamplingPlan, StepEvent, initial_noise
 
@@ -95,7 +97,8 @@ def expert_weight_sources(sources: ModelSources, name: str) -> list[dict[str, tu
     return found
 
 
-def load_expert(sources: ModelSources, name: str, *, device: torch.device, dtype: torch.dtype) -> WanTransformer:
+def load_expert(sources: ModelSources, name: str, *, device: torch.device, dtype: torch.dtype, plan: MemoryPlan | None = None) -> WanTransformer:
+    """One expert; with fp8 weights or an offload plan it loads block by block, converting or packing each block as it lands."""
     folder = sources.base / EXPERT_FOLDERS[name]
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
@@ -103,12 +106,42 @@ def load_expert(sources: ModelSources, name: str, *, device: torch.device, dtype
     cfg = TransformerConfig.from_dict(json.loads(cfg_path.read_text()))
     with torch.device("meta"):
         model = WanTransformer(cfg)
-    weights.load_weights(model, expert_weight_sources(sources, name), device=device, dtype=dtype, keep_fp32=WanTransformer.keep_fp32)
+    keys = expert_weight_sources(sources, name)
+    if plan is None or (plan.offload == "none" and plan.weights == "bf16"):
+        weights.load_weights(model, keys, device=device, dtype=dtype, keep_fp32=WanTransformer.keep_fp32)
+    else:
+        each_block = block_finisher(plan, device)
+        offload.load_blockwise(model, keys, device=device, dtype=dtype, keep_fp32=WanTransformer.keep_fp32, each_block=each_block)
     return model.eval().requires_grad_(False)
 
 
+def block_finisher(plan: MemoryPlan, device: torch.device) -> Callable[[nn.Module], None]:
+    """What happens to a block right after it loads: FP8 conversion, then packing into (pinned) host memory."""
+    use_scaled_mm = plan.weights == "fp8" and fp8.scaled_mm_supported(device)
+
+    def finish(block: nn.Module) -> None:
+        if plan.weights == "fp8":
+            fp8.quantize_linears(block, use_scaled_mm)
+        if plan.offload != "none":
+            offload.host_copy(block, pin=device.type == "cuda")
+
+    return finish
+
+
+def cap_gpu_memory(max_gib: float | None, device: torch.device) -> None:
+    """--max_gpu_memory binds the allocator too, so a smaller card's tier can be run on a bigger one."""
+    if max_gib is None or device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(max_gib * offload.GiB / total, 1.0), device)
+
+
+def log_plan(plan: MemoryPlan) -> None:
+    log.log(logging.WARNING if plan.fits is False else logging.INFO, "%s", plan.describe())
+
+
 def prepare_expert(model: WanTransformer, runtime: RuntimeConfig) -> WanTransformer:
-    if runtime.compile:
+    if runtime.compile or (runtime.compile is None and next(model.parameters()).device.type == "cuda"):
         compile_blocks(model)
     return model
 
@@ -135,11 +168,15 @@ class Renderer:
         scheduler_config: dict[str, Any],
         runtime: RuntimeConfig,
         device: torch.device,
+        store: ExpertStore | None = None,
+        memory_plan: MemoryPlan | None = None,
     ):
         self.sources = sources
         self.text_encoder = text_encoder
         self.vae = vae
         self.experts = experts
+        self.store = store or ExpertStore(experts)  # what the Denoiser asks for an expert; keeps the memory plan
+        self.memory_plan = memory_plan
         self.scheduler_config = scheduler_config
         self.runtime = runtime
         self.device = device
@@ -156,29 +193,43 @@ class Renderer:
         high_noise_ckpt: str | None = None,
         low_noise_ckpt: str | None = None,
         runtime: RuntimeConfig = RuntimeConfig(),
+        workload: memory.Workload | None = None,
     ) -> "Renderer":
-        return cls.load(resolve_sources(config, high_noise_ckpt, low_noise_ckpt), runtime)
+        return cls.load(resolve_sources(config, high_noise_ckpt, low_noise_ckpt), runtime, workload)
 
     @classmethod
-    def load(cls, sources: ModelSources, runtime: RuntimeConfig = RuntimeConfig()) -> "Renderer":
+    def load(cls, sources: ModelSources, runtime: RuntimeConfig = RuntimeConfig(), workload: memory.Workload | None = None) -> "Renderer":
+        """Load everything where the memory plan says; ``workload``: the batch's largest case (480p when None)."""
         start = time.perf_counter()
         device = resolve_device(runtime.device)
         dtype = torch_dtype(runtime.dtype)
         attention.select_backend(runtime.attention, device)
+        experts_named = sources.renderer.experts
+        plan = offload.plan_for_run(sources.base, len(experts_named), runtime, device, workload, sources.renderer.max_sequence_length)
+        log_plan(plan)
+        cap_gpu_memory(runtime.max_gpu_memory, device)
         text_encoder = TextEncoder.load(sources.base, dtype=dtype, device="cpu", max_length=sources.renderer.max_sequence_length)
         vae = VAE.load(sources.base, device=device)
-        experts = {name: prepare_expert(load_expert(sources, name, device=device, dtype=dtype), runtime) for name in sources.renderer.experts}
+        if plan.vae_tiling:
+            vae.model.enable_tiling()
+        experts = {name: prepare_expert(load_expert(sources, name, device=device, dtype=dtype, plan=plan), runtime) for name in experts_named}
+        store = ExpertStore(experts, plan.offload, device, plan.prefetch_bytes)
         from diffusers import UniPCMultistepScheduler
 
         scheduler_config = dict(UniPCMultistepScheduler.load_config(sources.base / "scheduler"))
-        renderer = cls(sources, text_encoder, vae, experts, scheduler_config, runtime, device)
+        renderer = cls(sources, text_encoder, vae, experts, scheduler_config, runtime, device, store, plan)
         renderer.place_text_encoder()
         renderer.load_seconds = time.perf_counter() - start
-        log.info("models loaded in %.1f s (experts: %s, device %s, %s)", renderer.load_seconds, ", ".join(experts), device, dtype)
+        log.info("models loaded in %.1f s (experts: %s, device %s, %s, %s weights, offload %s)", renderer.load_seconds, ", ".join(experts), device, dtype, plan.weights, plan.offload)
         return renderer
 
     def place_text_encoder(self) -> None:
-        """Keep UMT5 on the GPU only if that leaves room for activations; else it visits to encode."""
+        """Where the memory plan puts UMT5; without a plan, on the GPU only if that leaves room for activations."""
+        if self.memory_plan is not None and self.device.type == "cuda":
+            where = self.memory_plan.text_encoder  # gpu | visit | cpu
+            self.text_encoder.model.to(self.device if where == "gpu" else "cpu")
+            self.offload_text_encoder = where == "visit"
+            return
         if self.runtime.t5_cpu or self.device.type != "cuda":
             self.text_encoder.model.to("cpu" if self.runtime.t5_cpu else self.device)
             return
@@ -242,6 +293,8 @@ class Renderer:
             clock = now
 
         prompt_used = positive_text(settings.system_prompt or case.task.system_prompt, prompt or case.prompt)
+        copied = self.store.copied_bytes
+        self.store.bring_in(next(iter(self.experts)))  # the first expert's copy overlaps text and VAE encoding
         text = self.encode_text(prompt_used, settings.neg_prompt)
         lap("text_encode")
         cond = self.encode_conditions(case, settings)
@@ -260,7 +313,7 @@ class Renderer:
             batch_combos=self.runtime.batch_combos,
         )
         rule = SourceIdRule(settings.use_src_tgt_id, settings.interpolate_src_id, settings.max_trained_src_id)
-        denoiser = Denoiser(self.experts.__getitem__, tuple(self.experts), self.scheduler_config, self.head_dim, self.device, self.combos)
+        denoiser = Denoiser(self.store, tuple(self.experts), self.scheduler_config, self.head_dim, self.device, self.combos, self.store.prefetch)
         result = denoiser.run(sampling, cond, rule, grid, patchify(noise, PATCH), text, on_step)
         for name, seconds in result.expert_seconds.items():
             timings[f"denoise_{name}"] = seconds
@@ -268,11 +321,13 @@ class Renderer:
         latent = unpatchify(result.latent, grid, PATCH)
         frames = self.vae.decode(latent) if self.decode_outputs else np.zeros((0,), np.float32)
         lap("decode")
-        info = {
+        info: dict[str, Any] = {
             "guidance_per_expert": result.scales,
             "expert_steps": result.expert_steps,
             "attention_backend": attention.current_backend(),
             "dtype": self.runtime.dtype,
             "device": str(self.device),
         }
+        if self.memory_plan is not None:
+            info["memory_plan"] = {**self.memory_plan.to_info(), "copied_gib": round((self.store.copied_bytes - copied) / offload.GiB, 2)}
         return RenderOutput(frames, plan, prompt_used, timings, info, latent=latent.cpu())

@@ -145,9 +145,11 @@ class Denoiser:
         head_dim: int,
         device: torch.device,
         combos: "LocalCombos | None" = None,
+        prefetch: Callable[[str], None] | None = None,
     ):
         self.combos = combos or LocalCombos()
         self.experts = experts
+        self.prefetch = prefetch  # called with the next expert during the last step before a switch
         self.expert_names = expert_names
         self.scheduler_config = scheduler_config
         self.head_dim = head_dim
@@ -195,6 +197,8 @@ class Denoiser:
                 switched, scales = True, scales.scaled(plan.omega_scale)  # once, at the switch
             result.scales.setdefault(name, {"vid": scales.vid, "img": scales.img, "txt": scales.txt})
             model = self.experts(name)
+            if self.prefetch is not None and i + 1 < len(schedule) and schedule[i + 1] != name:
+                self.prefetch(schedule[i + 1])  # before this step's forward is queued, so the copy overlaps it
             if name not in cache:  # text K/V and condition tokens are fixed for the case
                 cache.clear()
                 cond_tokens = [self._embed_conditions(model, layout) for layout, _ in groups]

@@ -57,7 +57,7 @@ def cached_load(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     real = Renderer.load.__func__  # type: ignore[attr-defined]
 
-    def load(cls: type[Renderer], sources: Any, runtime: Any = None) -> Renderer:
+    def load(cls: type[Renderer], sources: Any, runtime: Any = None, workload: Any = None) -> Renderer:
         calls.append(1)
         key = (str(sources.base), runtime.device, runtime.dtype, runtime.attention)
         if key not in _LOADED:

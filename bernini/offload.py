@@ -1,0 +1,675 @@
+"""Where the experts live during a run: the memory plan (none | expert | block) and the store that keeps it."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import mmap
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bernini import memory, weights
+from bernini.models.transformer import WanTransformer
+from bernini.plan import latent_grid
+
+log = logging.getLogger(__name__)
+
+GiB = 2**30
+OFFLOADS = ("none", "expert", "block")  # fastest first
+WEIGHT_FORMATS = ("bf16", "fp8")
+STREAMED_BLOCKS = 3  # block plan: block i, block i+1 in flight, and the next expert's block 0 near a switch
+PREFETCH_MARGIN = 1 * GiB  # expert plan: room left free while prefetching the incoming expert
+VAE_TILE_PIXELS = 256 * 256  # diffusers' default AutoencoderKLWan tile
+HEADROOM = 0.05  # share of the GPU budget left unplanned: allocator fragmentation, estimate error
+ALIGN = 512  # byte alignment of each tensor inside a packed buffer (the CUDA allocator's)
+PAGE = mmap.PAGESIZE
+
+
+# --------------------------------------------------------------------------- the plan (pure arithmetic)
+
+
+@dataclass(frozen=True)
+class WeightSizes:
+    """Bytes of the models in the chosen storage, derived from bernini.memory's sizes."""
+
+    expert: float
+    nonblock: float  # embeddings, time/text embedders, head: what the block plan keeps resident
+    block: float
+    experts: int
+    text_encoder: float
+    vae: float
+
+
+@dataclass(frozen=True)
+class Work:
+    """Working memory of the largest case: DiT activations and the VAE, untiled and tiled."""
+
+    activations: float
+    vae: float
+    vae_tiled: float
+
+
+@dataclass(frozen=True)
+class Option:
+    """One candidate placement: offload mode, text encoder placement (gpu | visit | cpu), VAE tiling."""
+
+    offload: str
+    text: str
+    tiling: bool
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The chosen placement, what it is expected to need, and what would make the run faster."""
+
+    offload: str
+    weights: str
+    text_encoder: str  # gpu: resident | visit: on the CPU, moved in to encode | cpu: encodes on the CPU
+    vae_tiling: bool
+    experts: int
+    expert_bytes: float
+    prefetch_bytes: float  # expert plan: bytes of the incoming expert copied ahead of the switch
+    peak_bytes: float  # expected GPU peak (0 on the CPU)
+    gpu_budget: float | None  # free GPU memory, capped by max_gpu_memory; None: unknown or CPU
+    host_bytes: float
+    host_free: float | None
+    fits: bool | None
+    chosen_by: str  # auto | forced
+    on_gpu: bool = True
+    faster: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        """One log line: the plan, its expected peak, and what would be faster."""
+        if not self.on_gpu:
+            where = "everything in host memory" if self.offload == "none" else "device and host are the same memory: offload only exercises its copies"
+            return f"memory plan: {self.offload} on the CPU ({where}); weights {self.weights}"
+        budget = "unknown" if self.gpu_budget is None else f"{self.gpu_budget / GiB:.1f}"
+        host = "unknown" if self.host_free is None else f"{self.host_free / GiB:.1f}"
+        verdict = {True: "", False: " -- does NOT fit", None: " (free memory unknown)"}[self.fits]
+        return (
+            f"memory plan: {self.offload} ({self._what()}); weights {self.weights}; text encoder {_TEXT_WORDS[self.text_encoder]}; "
+            f"VAE {'tiled' if self.vae_tiling else 'untiled'}; expected peak {self.peak_bytes / GiB:.1f} GiB of {budget} GiB, "
+            f"host {self.host_bytes / GiB:.1f} GiB of {host} GiB ({self.chosen_by}){verdict}; faster: {'; '.join(self.faster) or 'nothing to gain'}"
+        )
+
+    def _what(self) -> str:
+        if self.offload == "none":
+            return "every expert resident on the GPU"
+        if self.offload == "block":
+            return f"blocks stream from pinned host memory, {STREAMED_BLOCKS} at most on the GPU; embeddings and head resident"
+        if self.prefetch_bytes >= self.expert_bytes:
+            how = "prefetched in full on a side stream during the last steps before the switch"
+        elif self.prefetch_bytes > 0:
+            how = (f"{self.prefetch_bytes / GiB:.1f} of {self.expert_bytes / GiB:.1f} GiB prefetched before the switch, the rest copied "
+                   "at the switch while the first blocks run")
+        else:
+            how = "no room to prefetch: copied at the switch (non-blocking, from pinned memory) while the first blocks run"
+        return f"one expert on the GPU, the other waits in pinned host memory; {how}"
+
+    def to_info(self) -> dict[str, Any]:
+        """What the sidecar records (RenderOutput.info['memory_plan'])."""
+        return {
+            "offload": self.offload,
+            "weights": self.weights,
+            "text_encoder": self.text_encoder,
+            "vae_tiling": self.vae_tiling,
+            "prefetch_gib": _gib(self.prefetch_bytes),
+            "expected_peak_gib": _gib(self.peak_bytes),
+            "gpu_budget_gib": _gib(self.gpu_budget),
+            "host_gib": _gib(self.host_bytes),
+            "host_free_gib": _gib(self.host_free),
+            "fits": self.fits,
+            "chosen_by": self.chosen_by,
+            "faster": list(self.faster),
+            "summary": self.describe(),
+        }
+
+
+def _gib(x: float | None) -> float | None:
+    return None if x is None else round(x / GiB, 2)
+
+
+_TEXT_WORDS = {"gpu": "resident on the GPU", "visit": "on the CPU, visits the GPU to encode", "cpu": "encodes on the CPU"}
+
+
+def weight_sizes(sizes: memory.ModelSizes, dtype: str, weights_format: str = "bf16") -> WeightSizes:
+    """Expert, block and non-block bytes; fp8 stores block Linear weights in 1 byte plus a float32 scale per row."""
+    nbytes = memory.DTYPE_BYTES[dtype]
+    d, f, layers = sizes.dim, sizes.ffn_dim, sizes.num_layers
+    block_params = 2 * (4 * (d * d + d) + 2 * d) + 2 * d + (2 * d * f + f + d) + 6 * d  # as memory.transformer_params
+    block = float(block_params * nbytes)
+    if weights_format == "fp8":
+        linear, rows = 8 * d * d + 2 * d * f, 9 * d + f  # q/k/v/out of both attentions, FFN in/out
+        block -= linear * (nbytes - 1) - rows * 4
+    nonblock = float(max(sizes.expert_params - layers * block_params, 0) * nbytes)
+    return WeightSizes(nonblock + layers * block, nonblock, block, sizes.experts, float(sizes.text_encoder_params * nbytes), float(sizes.vae_bytes))
+
+
+def work_of(sizes: memory.ModelSizes, load: memory.Workload, dtype: str) -> Work:
+    act = memory.activation_bytes(load.tokens, sizes, memory.DTYPE_BYTES[dtype])
+    tiled = memory.Workload(load.tokens, min(load.pixels, VAE_TILE_PIXELS), load.frames)
+    # A tiled decode still holds the decoded clip; only the per-chunk feature maps shrink.
+    vae_tiled = memory.vae_work_bytes(tiled, sizes) + load.frames * (load.pixels - tiled.pixels) * 3 * 4
+    return Work(act, memory.vae_work_bytes(load, sizes), vae_tiled)
+
+
+def resident_weights(ws: WeightSizes, offload: str) -> float:
+    """Expert bytes on the GPU at once under each offload mode."""
+    return {"none": ws.experts * ws.expert, "expert": ws.expert, "block": ws.experts * ws.nonblock + STREAMED_BLOCKS * ws.block}[offload]
+
+
+def gpu_need(ws: WeightSizes, work: Work, option: Option) -> float:
+    """Expected GPU peak: the resident weights plus the largest phase (encode, denoise or VAE)."""
+    resident = resident_weights(ws, option.offload)
+    text_resident = ws.text_encoder if option.text == "gpu" else 0.0
+    text_visit = ws.text_encoder if option.text == "visit" else 0.0
+    vae_work = work.vae_tiled if option.tiling else work.vae
+    return memory.GPU_RESERVE + ws.vae + resident + text_resident + max(work.activations, vae_work, text_visit)
+
+
+def host_need(ws: WeightSizes, option: Option) -> float:
+    """Host memory the placement holds: pinned expert copies (both, so a move back is only a copy) and UMT5 off the GPU."""
+    experts = {"none": 0.0, "expert": ws.experts * ws.expert, "block": ws.experts * (ws.expert - ws.nonblock)}[option.offload]
+    return memory.HOST_RESERVE + experts + (0.0 if option.text == "gpu" else ws.text_encoder)
+
+
+def candidates(offload: str, t5_cpu: bool, vae_tiling: bool | None) -> list[Option]:
+    """Placements in order of speed: fewer copies first, VAE tiling before giving up an offload level, CPU encoding last."""
+    offloads = OFFLOADS if offload == "auto" else (offload,)
+    tilings = (False, True) if vae_tiling is None else (vae_tiling,)
+    texts = ("cpu",) if t5_cpu else ("gpu", "visit")
+    order = [Option(o, t, v) for o in offloads for t in texts for v in tilings]
+    if not t5_cpu:  # encoding 1024 tokens through UMT5-XXL on the CPU costs tens of seconds a case
+        order += [Option(o, "cpu", v) for o in offloads for v in tilings]
+    return order
+
+
+@dataclass(frozen=True)
+class Room:
+    """What a plan may use: GPU bytes (the headroom already taken off) and host bytes; None: unknown."""
+
+    gpu: float | None
+    host: float | None
+    capped: bool = False  # the GPU figure is --max_gpu_memory, not what the card has free
+
+
+def _fits(need: float, have: float | None) -> bool | None:
+    return None if have is None else need <= have
+
+
+def _viable(ws: WeightSizes, work: Work, option: Option, room: Room) -> bool | None:
+    gpu, host = _fits(gpu_need(ws, work, option), room.gpu), _fits(host_need(ws, option), room.host)
+    if gpu is False or host is False:
+        return False
+    return None if gpu is None or host is None else True
+
+
+def gpu_budget(gpu_free: float | None, max_gpu_memory: float | None) -> float | None:
+    """Free GPU bytes, capped by --max_gpu_memory (GiB)."""
+    cap = None if max_gpu_memory is None else max_gpu_memory * GiB
+    if gpu_free is None:
+        return cap
+    return gpu_free if cap is None else min(gpu_free, cap)
+
+
+def plan_memory(
+    sizes: memory.ModelSizes,
+    load: memory.Workload,
+    *,
+    dtype: str,
+    weights_format: str = "bf16",
+    offload: str = "auto",
+    t5_cpu: bool = False,
+    vae_tiling: bool | None = None,
+    on_gpu: bool = True,
+    gpu_free: float | None = None,
+    host_free: float | None = None,
+    max_gpu_memory: float | None = None,
+) -> MemoryPlan:
+    """The fastest placement that fits the free memory (offload='auto'), or the forced one, with its numbers."""
+    if offload not in (*OFFLOADS, "auto"):
+        raise ValueError(f"unknown --offload {offload!r}; choose auto, {', '.join(OFFLOADS)}")
+    if weights_format not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown --weights {weights_format!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
+    ws, work = weight_sizes(sizes, dtype, weights_format), work_of(sizes, load, dtype)
+    chosen_by = "auto" if offload == "auto" else "forced"
+    if not on_gpu:
+        option = Option("none" if offload == "auto" else offload, "cpu", bool(vae_tiling))
+        host = ws.experts * ws.expert + ws.text_encoder + ws.vae + max(work.activations, work.vae) + memory.HOST_RESERVE
+        return MemoryPlan(option.offload, weights_format, "cpu", option.tiling, ws.experts, ws.expert, 0.0, 0.0, None,
+                          host, host_free, _fits(host, host_free), chosen_by, on_gpu=False)
+    budget = gpu_budget(gpu_free, max_gpu_memory)
+    capped = max_gpu_memory is not None and (gpu_free is None or max_gpu_memory * GiB < gpu_free)
+    room = Room(None if budget is None else budget * (1 - HEADROOM), host_free, capped)
+    options = candidates(offload, t5_cpu, vae_tiling)
+    verdicts = [_viable(ws, work, o, room) for o in options]
+    index = next((i for i, v in enumerate(verdicts) if v), None)
+    if index is None:  # unknown free memory: the fastest; nothing fits: the most frugal
+        index = 0 if verdicts[0] is None else len(options) - 1
+    option = options[index]
+    prefetch = prefetch_bytes(ws, work, option, room.gpu)
+    peak = max(gpu_need(ws, work, option), switch_need(ws, work, option) + prefetch)
+    faster = faster_options(sizes, load, dtype, weights_format, option, room, t5_cpu, verdicts[index])
+    return MemoryPlan(option.offload, weights_format, option.text, option.tiling, ws.experts, ws.expert, prefetch, peak, budget,
+                      host_need(ws, option), host_free, verdicts[index], chosen_by, faster=faster)
+
+
+def prefetch_bytes(ws: WeightSizes, work: Work, option: Option, usable: float | None) -> float:
+    """Expert plan: what of the incoming expert fits beside the outgoing one and the last step's activations."""
+    if option.offload != "expert" or ws.experts < 2 or usable is None:
+        return 0.0  # unknown free memory: copy at the switch, never risk an out-of-memory
+    return float(min(max(usable - switch_need(ws, work, option) - PREFETCH_MARGIN, 0.0), ws.expert))
+
+
+def switch_need(ws: WeightSizes, work: Work, option: Option) -> float:
+    """GPU bytes in use during the last step before an expert switch (before any prefetch)."""
+    text = ws.text_encoder if option.text == "gpu" else 0.0
+    return memory.GPU_RESERVE + ws.vae + resident_weights(ws, option.offload) + text + work.activations
+
+
+def faster_options(
+    sizes: memory.ModelSizes,
+    load: memory.Workload,
+    dtype: str,
+    weights_format: str,
+    chosen: Option,
+    room: Room,
+    t5_cpu: bool,
+    fits: bool | None,
+) -> tuple[str, ...]:
+    """What would make the run faster than the chosen placement (or make it fit): memory to free, or flags."""
+    if room.gpu is None:
+        return ()
+    ws, work = weight_sizes(sizes, dtype, weights_format), work_of(sizes, load, dtype)
+    if fits is False:
+        tips = [_shortfall(ws, work, chosen, room, f"--offload {chosen.offload}")]
+    else:
+        tips = [_shortfall(ws, work, _leanest(ws, work, o, chosen.tiling), room, f"--offload {o}") for o in OFFLOADS[: OFFLOADS.index(chosen.offload)]]
+        tips += [_text_tip(ws, work, chosen, room, t5_cpu)]
+        if chosen.tiling:
+            tips.append(_shortfall(ws, work, Option(chosen.offload, chosen.text, False), room, "an untiled VAE"))
+    tips.append(_fp8_tip(sizes, work, dtype, weights_format, chosen, room, fits))
+    if fits is False:
+        tips.append(f"or lower --max_image_size/--num_frames, or --no-batch_combos (activations: {work.activations / GiB:.1f} GiB)")
+    return tuple(t for t in tips if t)
+
+
+def _leanest(ws: WeightSizes, work: Work, offload: str, tiling: bool) -> Option:
+    return min((Option(offload, t, tiling) for t in ("visit", "cpu")), key=lambda o: gpu_need(ws, work, o))
+
+
+def _text_tip(ws: WeightSizes, work: Work, chosen: Option, room: Room, t5_cpu: bool) -> str:
+    if chosen.text == "visit":
+        return _shortfall(ws, work, Option(chosen.offload, "gpu", chosen.tiling), room, "a resident text encoder")
+    if chosen.text == "cpu":
+        what = "dropping --t5_cpu (encode on the GPU)" if t5_cpu else "the text encoder to visit the GPU (CPU encoding is slow)"
+        return _shortfall(ws, work, Option(chosen.offload, "visit", chosen.tiling), room, what)
+    return ""
+
+
+def _fp8_tip(sizes: memory.ModelSizes, work: Work, dtype: str, weights_format: str, chosen: Option, room: Room, fits: bool | None) -> str:
+    """--weights fp8 where it reaches a faster offload (or, when nothing fits, any that fits)."""
+    if weights_format != "bf16":
+        return ""
+    fp8 = weight_sizes(sizes, dtype, "fp8")
+    reach = OFFLOADS[: OFFLOADS.index(chosen.offload) + (1 if fits is False else 0)]
+    for offload in reach:
+        if any(_viable(fp8, work, Option(offload, t, v), room) for t in ("gpu", "visit") for v in (False, True)):
+            return f"--weights fp8 (lossy) fits --offload {offload}"
+    return ""
+
+
+def _shortfall(ws: WeightSizes, work: Work, option: Option, room: Room, what: str) -> str:
+    gpu_short = gpu_need(ws, work, option) - room.gpu if room.gpu is not None else 0.0
+    host_short = host_need(ws, option) - room.host if room.host is not None else 0.0
+    parts = [f"{gpu_short / GiB:.1f} GiB of GPU memory" + (" (raise --max_gpu_memory)" if room.capped else "")] if gpu_short > 0 else []
+    parts += [f"{host_short / GiB:.1f} GiB of host memory"] if host_short > 0 else []
+    return f"free {' and '.join(parts)} for {what}" if parts else ""
+
+
+def reference_workload(frames: int = 81, height: int = 480, width: int = 848, forwards: int = 2) -> memory.Workload:
+    """480p, 81 frames, the u/c pair batched: what the plan sizes for when the cases are not known."""
+    t, h, w = latent_grid(frames, height, width)
+    return memory.Workload(tokens=forwards * t * h * w, pixels=height * width, frames=frames)
+
+
+def plan_for_run(base: Path, experts: int, runtime: Any, device: torch.device, load: memory.Workload | None = None, text_tokens: int = 512) -> MemoryPlan:
+    """The plan for this machine's free memory, the runtime's flags and the largest case (480p when not given)."""
+    sizes = memory.read_sizes(base, experts, text_tokens)
+    return plan_memory(
+        sizes,
+        load or reference_workload(),
+        dtype=runtime.dtype,
+        weights_format=runtime.weights,
+        offload=runtime.offload,
+        t5_cpu=runtime.t5_cpu,
+        vae_tiling=runtime.vae_tiling,
+        on_gpu=device.type == "cuda",
+        gpu_free=memory.gpu_free_bytes(str(device)),
+        host_free=memory.host_free_bytes(),
+        max_gpu_memory=runtime.max_gpu_memory,
+    )
+
+
+# --------------------------------------------------------------------------- packed host copies
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One parameter or buffer of a module, to repoint between host and device copies."""
+
+    owner: nn.Module
+    name: str
+    is_parameter: bool
+
+    def get(self) -> torch.Tensor:
+        return self.owner._parameters[self.name] if self.is_parameter else self.owner._buffers[self.name]  # type: ignore[return-value]
+
+    def set(self, tensor: torch.Tensor) -> None:
+        if self.is_parameter:
+            self.owner._parameters[self.name].data = tensor  # type: ignore[union-attr]
+        else:
+            self.owner._buffers[self.name] = tensor
+
+
+def module_slots(module: nn.Module, skip: str | None = None) -> list[Slot]:
+    """Every parameter and buffer of ``module``, leaving out the submodule named ``skip`` (e.g. 'blocks')."""
+    slots = []
+    for name, sub in module.named_modules():
+        if skip and (name == skip or name.startswith(skip + ".")):
+            continue
+        slots += [Slot(sub, n, True) for n, p in sub._parameters.items() if p is not None]
+        slots += [Slot(sub, n, False) for n, b in sub._buffers.items() if b is not None]
+    return slots
+
+
+def _align(n: int, to: int = ALIGN) -> int:
+    return (n + to - 1) // to * to
+
+
+def _views(buffer: torch.Tensor, offsets: Sequence[int], like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [buffer[o : o + t.numel() * t.element_size()].view(t.dtype).view(t.shape) for o, t in zip(offsets, like, strict=True)]
+
+
+def _host_buffer(nbytes: int, pin: bool) -> tuple[torch.Tensor, bool]:
+    """A host byte buffer; pinned ones cover whole pages of their own allocation (registering a shared page fails)."""
+    if not pin:
+        return torch.empty(nbytes, dtype=torch.uint8), False
+    size = _align(nbytes, PAGE)
+    raw = torch.empty(size + PAGE, dtype=torch.uint8)
+    start = -raw.data_ptr() % PAGE
+    pages = raw[start : start + size]
+    return pages[:nbytes], _pin(pages)
+
+
+def _pin(buffer: torch.Tensor) -> bool:
+    """Page-lock an existing buffer (cudaHostRegister: no power-of-two rounding, unlike pin_memory())."""
+    try:
+        cudart = torch.cuda.cudart()
+        status = cudart.cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)
+    except (RuntimeError, AttributeError) as exc:
+        log.warning("cannot pin host memory (%s); copies to the GPU will be slower", exc)
+        return False
+    if status != cudart.cudaError.success:
+        log.warning("cannot pin host memory (%s); copies to the GPU will be slower", cudart.cudaGetErrorString(status))
+    return status == cudart.cudaError.success
+
+
+def _unpin(pointer: int) -> None:
+    torch.cuda.cudart().cudaHostUnregister(pointer)
+
+
+class HostCopy:
+    """A module's tensors packed into one host buffer (page-locked on CUDA); the module points at host or device copies."""
+
+    def __init__(self, slots: list[Slot], pin: bool):
+        tensors = [s.get() for s in slots]
+        offsets, total = [], 0
+        for t in tensors:
+            offsets.append(total)
+            total += _align(t.numel() * t.element_size())
+        self.slots, self.offsets, self.nbytes = slots, offsets, total
+        self.device_buffer: torch.Tensor | None = None
+        self.ready: torch.cuda.Event | None = None
+        self.buffer, self.pinned = _host_buffer(total, pin)  # pinned before filling: copies from the GPU land at full speed
+        if self.pinned:
+            weakref.finalize(self, _unpin, self.buffer.data_ptr())
+        self.host = _views(self.buffer, offsets, tensors)
+        for view, tensor in zip(self.host, tensors, strict=True):
+            view.copy_(tensor)
+        self.point_at_host()  # the loaded copies (on the GPU or CPU) are freed here
+
+    @property
+    def on_device(self) -> bool:
+        return self.device_buffer is not None
+
+    def point_at_host(self) -> None:
+        for slot, view in zip(self.slots, self.host, strict=True):
+            slot.set(view)
+        self.device_buffer = None
+
+    def point_at(self, device_buffer: torch.Tensor) -> None:
+        for slot, view in zip(self.slots, _views(device_buffer, self.offsets, self.host), strict=True):
+            slot.set(view)
+        self.device_buffer = device_buffer
+
+
+def host_copy(module: nn.Module, pin: bool, skip: str | None = None) -> HostCopy:
+    """Pack ``module`` (minus ``skip``) into host memory once; later calls return the same copy."""
+    existing = module.__dict__.get("_host_copy")
+    if existing is not None and skip is None:
+        return existing
+    copy = HostCopy(module_slots(module, skip), pin)
+    if skip is None:
+        module.__dict__["_host_copy"] = copy  # the loader packs blocks as they land; the store finds them here
+    return copy
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class StreamedBlocks(nn.ModuleList):
+    """``model.blocks`` whose iteration tells the store before block i is used (same children, same names)."""
+
+    def __init__(self, blocks: nn.ModuleList, before_block: Callable[[int], None]):
+        super().__init__(blocks)
+        self._before_block = before_block
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        # The forward loop and encode_text both iterate, so this is the one place to fetch and release.
+        for index, block in enumerate(super().__iter__()):
+            self._before_block(index)
+            yield block
+
+
+class ExpertStore:
+    """What the Denoiser asks for an expert: ``store(name)`` returns it usable on the device, per the plan.
+
+    none: every expert resident. expert: the called expert resident, the others in pinned host memory;
+    ``prefetch`` copies the next one ahead on a side stream as far as ``prefetch_bytes`` allows, the rest
+    is copied at the switch and each block waits only for its own copy. block: non-block parts resident,
+    blocks copied in one ahead of use on a side stream and released after. Copies are exact: lossless.
+    """
+
+    def __init__(self, experts: Mapping[str, WanTransformer], offload: str = "none", device: torch.device | str = "cpu", prefetch_bytes: float = 0.0):
+        if offload not in OFFLOADS:
+            raise ValueError(f"unknown offload {offload!r}; choose one of {', '.join(OFFLOADS)}")
+        self.experts = dict(experts)
+        self.offload = offload
+        self.device = torch.device(device)
+        self.prefetch_bytes = prefetch_bytes
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and offload != "none" else None
+        self.heads: dict[str, HostCopy | None] = {}
+        self.blocks: dict[str, list[HostCopy]] = {}
+        self.active: str | None = None
+        self.copied_bytes = 0
+        self.most_blocks_on_device = 0
+        for name, model in self.experts.items():
+            if offload != "none":
+                self._stage(name, model)
+
+    def _stage(self, name: str, model: WanTransformer) -> None:
+        pin = self.device.type == "cuda"
+        self.blocks[name] = [host_copy(block, pin) for block in model.blocks]
+        if self.offload == "expert":
+            self.heads[name] = host_copy(model, pin, skip="blocks")
+        else:
+            self.heads[name] = None
+            for slot in module_slots(model, skip="blocks"):  # embeddings and head stay resident
+                slot.set(slot.get().to(self.device))
+        model.blocks = StreamedBlocks(model.blocks, functools.partial(self._before_block, name))
+
+    def __call__(self, name: str) -> WanTransformer:
+        """The expert, usable on the device now (the compute stream waits for what it needs first)."""
+        if self.offload != "none":
+            for other in self.experts:
+                if other != name:
+                    self._release_expert(other)
+            if self.offload == "expert":
+                self._fetch_expert(name)
+        self.active = name
+        return self.experts[name]
+
+    def bring_in(self, name: str) -> None:
+        """At a case's start: make ``name`` the resident expert and start its copies (no host wait)."""
+        self(name)
+        self.prefetch(name)
+
+    def prefetch(self, name: str) -> None:
+        """Start copying ``name`` ahead of its first step without evicting anything (within the plan's room)."""
+        if self.offload == "block":
+            self._fetch(self.blocks[name][0])
+        elif self.offload == "expert":
+            room = self.prefetch_bytes
+            for copy in self._copies(name):
+                if not copy.on_device and copy.nbytes > room:
+                    break
+                self._fetch(copy)
+                room -= copy.nbytes
+
+    def _copies(self, name: str) -> list[HostCopy]:
+        head = self.heads.get(name)
+        return ([head] if head is not None else []) + self.blocks.get(name, [])
+
+    def _fetch_expert(self, name: str) -> None:
+        copies = self._copies(name)
+        waiting = sum(c.nbytes for c in copies if not c.on_device)
+        for copy in copies:
+            self._fetch(copy)
+        if self.heads[name] is not None:
+            self._wait(self.heads[name])  # type: ignore[arg-type]
+        if waiting:
+            log.debug("expert %s: %.2f GiB copied in now, %.2f GiB were prefetched", name, waiting / GiB, (sum(c.nbytes for c in copies) - waiting) / GiB)
+
+    def _release_expert(self, name: str) -> None:
+        for copy in self._copies(name):
+            self._release(copy)
+
+    def _before_block(self, name: str, index: int) -> None:
+        blocks = self.blocks[name]
+        if self.offload == "expert":
+            self._wait(blocks[index])
+            return
+        keep = {index, (index + 1) % len(blocks)}
+        for j, copy in enumerate(blocks):
+            if j not in keep:
+                self._release(copy)
+        self._fetch(blocks[index])
+        self._wait(blocks[index])
+        self._fetch(blocks[(index + 1) % len(blocks)])  # overlaps block i's compute; wraps to the next forward
+        on_device = sum(c.on_device for copies in self.blocks.values() for c in copies)
+        self.most_blocks_on_device = max(self.most_blocks_on_device, on_device)
+
+    def _compute_stream(self) -> torch.cuda.Stream:
+        return torch.cuda.current_stream(self.device)
+
+    def _fetch(self, copy: HostCopy) -> None:
+        if copy.on_device:
+            return
+        target = torch.empty(copy.nbytes, dtype=torch.uint8, device=self.device)  # on the compute stream's pool
+        if self.stream is None:
+            target.copy_(copy.buffer)
+        else:
+            # The allocator may hand out memory that queued compute still reads: copy only after it.
+            self.stream.wait_stream(self._compute_stream())
+            with torch.cuda.stream(self.stream):
+                target.copy_(copy.buffer, non_blocking=True)
+            copy.ready = torch.cuda.Event()
+            copy.ready.record(self.stream)
+        copy.point_at(target)
+        self.copied_bytes += copy.nbytes
+
+    def _wait(self, copy: HostCopy) -> None:
+        if copy.ready is not None:
+            self._compute_stream().wait_event(copy.ready)
+            copy.ready = None
+
+    def _release(self, copy: HostCopy) -> None:
+        if copy.on_device:
+            self._wait(copy)  # a copy still in flight must land before its memory is reused
+            copy.point_at_host()
+
+
+# --------------------------------------------------------------------------- loading block by block
+
+
+def _block_sources(sources: Sequence[Mapping[str, Any]], layers: int) -> tuple[list[list[dict[str, Any]]], list[dict[str, Any]]]:
+    """Split priority-ordered key maps into one per block ('blocks.i.' stripped) and the rest."""
+    per_block: list[list[dict[str, Any]]] = [[{} for _ in sources] for _ in range(layers)]
+    rest: list[dict[str, Any]] = [{} for _ in sources]
+    for n, source in enumerate(sources):
+        for key, ref in source.items():
+            head, _, tail = key.partition(".")
+            index, _, name = tail.partition(".")
+            if head == "blocks" and index.isdigit() and int(index) < layers:
+                per_block[int(index)][n][name] = ref
+            else:
+                rest[n][key] = ref
+    return per_block, rest
+
+
+@contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """One INFO line per block would bury the log: only warnings from the loader while blocks load."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def load_blockwise(
+    model: WanTransformer,
+    sources: Sequence[Mapping[str, Any]],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    keep_fp32: tuple[str, ...],
+    each_block: Callable[[nn.Module], None],
+) -> None:
+    """Fill a meta-device model one block at a time; ``each_block`` converts or moves a block right after it lands.
+
+    So at most one block's loaded copy exists beside what ``each_block`` keeps (fp8 weights, a pinned host copy).
+    """
+    per_block, rest = _block_sources(sources, len(model.blocks))
+    blocks = model.blocks
+    with _quiet(weights.__name__):
+        for block, block_sources in zip(blocks, per_block, strict=True):
+            weights.load_weights(block, block_sources, device=device, dtype=dtype, keep_fp32=keep_fp32)
+            each_block(block)
+    model.blocks = nn.ModuleList()  # the non-block parts alone, so the loader sees no missing block keys
+    try:
+        weights.load_weights(model, rest, device=device, dtype=dtype, keep_fp32=keep_fp32)
+    finally:
+        model.blocks = blocks
+    log.info("%s: %d blocks loaded one by one onto %s", type(model).__name__, len(blocks), device)
+

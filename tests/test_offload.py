@@ -1,0 +1,261 @@
+"""Memory plans: expert and block offload give bit-identical latents; the automatic choice per memory tier.
+
+On the CPU the device and the host are the same memory, but the store still packs every block into a
+host buffer, copies it into a fresh device buffer before use and releases it after: the same code
+path as on a GPU, without the side stream and page-locking (those are checked by the CUDA tests).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from bernini import memory, offload
+from bernini.cases import Case, load_case_file
+from bernini.config import GenerationSettings, RuntimeConfig
+from bernini.offload import ExpertStore, GiB, plan_memory, reference_workload
+from bernini.pipeline import Renderer
+from bernini.testing import tiny_checkpoints
+
+REPO = Path(__file__).resolve().parent.parent
+CASE = REPO / "assets" / "testcases" / "v2v" / "v2v_case1.json"
+SMALL = GenerationSettings(num_inference_steps=4, max_image_size=64, num_frames=5)
+A14B_EXPERT = {"num_attention_heads": 40, "attention_head_dim": 128, "ffn_dim": 13824, "num_layers": 40, "in_channels": 16, "out_channels": 16,
+               "text_dim": 4096, "freq_dim": 256, "patch_size": (1, 2, 2)}
+UMT5_XXL = {"d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_layers": 24, "num_heads": 64, "vocab_size": 256384, "feed_forward_proj": "gated-gelu",
+            "relative_attention_num_buckets": 32, "model_type": "umt5"}
+HOST = 120 * GiB  # a workstation with plenty of RAM; host-limited cases set their own
+
+
+@pytest.fixture(scope="module")
+def config() -> str:
+    return str(tiny_checkpoints().diffusers)
+
+
+@pytest.fixture(scope="module")
+def case() -> Case:
+    return load_case_file(CASE)
+
+
+def load(config: str, **runtime: object) -> Renderer:
+    return Renderer.from_pretrained(config, runtime=RuntimeConfig(device="cpu", dtype="float32", attention="sdpa", **runtime))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def resident_latent(config: str, case: Case) -> torch.Tensor:
+    out = load(config, offload="none").render(case, SMALL)
+    assert out.latent is not None
+    return out.latent
+
+
+# --------------------------------------------------------------------------- lossless offload
+
+
+@pytest.mark.parametrize("mode", ["expert", "block"])
+def test_offload_is_bit_identical(config: str, case: Case, resident_latent: torch.Tensor, mode: str) -> None:
+    renderer = load(config, offload=mode)
+    first = renderer.render(case, SMALL)
+    second = renderer.render(case, SMALL)  # across cases: the first expert is brought back in
+    assert torch.equal(first.latent, resident_latent)
+    assert torch.equal(second.latent, resident_latent)
+    assert renderer.store.offload == mode and renderer.store.copied_bytes > 0
+    assert first.info["memory_plan"]["offload"] == mode
+
+
+def test_expert_plan_keeps_one_expert_on_the_device(config: str, case: Case) -> None:
+    renderer = load(config, offload="expert")
+    renderer.render(case, SMALL)
+    store = renderer.store
+    assert store.active == "low"
+    assert all(c.on_device for c in store._copies("low")) and not any(c.on_device for c in store._copies("high"))
+    weight = renderer.experts["high"].blocks[0].attn1.to_q.weight
+    assert inside(weight, store.blocks["high"][0].buffer)  # released: the module points at its host copy again
+    renderer.store.bring_in("high")
+    assert store.active == "high" and not any(c.on_device for c in store._copies("low"))
+
+
+def test_expert_prefetch_copies_ahead_within_its_room(config: str) -> None:
+    renderer = load(config, offload="expert")
+    store = renderer.store
+    store("high")
+    one_block = store.blocks["low"][0].nbytes
+    store.prefetch_bytes = store.heads["low"].nbytes + one_block  # type: ignore[union-attr]
+    store.prefetch("low")
+    assert store.active == "high" and all(c.on_device for c in store._copies("high"))  # nothing evicted
+    assert store.heads["low"].on_device and store.blocks["low"][0].on_device  # type: ignore[union-attr]
+    assert not store.blocks["low"][1].on_device  # beyond the room: copied at the switch
+    store("low")
+    assert all(c.on_device for c in store._copies("low")) and not any(c.on_device for c in store._copies("high"))
+
+
+def inside(tensor: torch.Tensor, buffer: torch.Tensor | None) -> bool:
+    return buffer is not None and buffer.data_ptr() <= tensor.data_ptr() < buffer.data_ptr() + buffer.numel()
+
+
+def test_block_plan_runs_each_block_from_its_fetched_copy(config: str, case: Case, resident_latent: torch.Tensor) -> None:
+    renderer = load(config, offload="block")
+    store = renderer.store
+    seen: list[tuple[bool, int]] = []
+
+    def check(name: str, index: int) -> Callable[[torch.nn.Module, object], None]:
+        def hook(module: torch.nn.Module, args: object) -> None:
+            copy = store.blocks[name][index]
+            fetched = inside(module.attn1.to_q.weight, copy.device_buffer) and not inside(module.attn1.to_q.weight, copy.buffer)
+            seen.append((fetched, sum(c.on_device for c in store.blocks[name])))
+
+        return hook
+
+    for name, model in renderer.experts.items():
+        for index in range(len(model.blocks)):  # by index: iterating the blocks would fetch them
+            model.blocks[index].register_forward_pre_hook(check(name, index))
+    assert torch.equal(renderer.render(case, SMALL).latent, resident_latent)
+    assert seen and all(fetched for fetched, _ in seen)
+    assert max(n for _, n in seen) <= 2  # block i and block i + 1 in flight
+    assert store.most_blocks_on_device <= offload.STREAMED_BLOCKS
+    # Embeddings and head stay resident (no copy of them exists on the host).
+    assert all(store.heads[name] is None for name in renderer.experts)
+
+
+def test_plan_is_logged_and_recorded(config: str, case: Case, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="bernini.pipeline"):
+        renderer = load(config, offload="block")
+    assert any("memory plan: block" in r.getMessage() for r in caplog.records)
+    info = renderer.render(case, SMALL).info["memory_plan"]
+    assert info["offload"] == "block" and info["chosen_by"] == "forced" and "summary" in info and "copied_gib" in info
+
+
+def test_auto_on_the_cpu_is_none(config: str) -> None:
+    renderer = load(config)
+    assert renderer.memory_plan is not None and renderer.memory_plan.offload == "none" and renderer.store.offload == "none"
+
+
+def test_store_rejects_unknown_mode() -> None:
+    with pytest.raises(ValueError, match="unknown offload"):
+        ExpertStore({}, "disk")
+
+
+# --------------------------------------------------------------------------- the automatic choice
+
+
+def a14b_sizes() -> memory.ModelSizes:
+    return memory.ModelSizes(
+        expert_params=memory.transformer_params(A14B_EXPERT),
+        experts=2,
+        text_encoder_params=memory.umt5_encoder_params(UMT5_XXL),
+        vae_bytes=int(0.508e9),
+        dim=5120,
+        ffn_dim=13824,
+        num_layers=40,
+    )
+
+
+def plan(gpu_gib: float | None, host: float | None = HOST, **kwargs: object) -> offload.MemoryPlan:
+    gpu = None if gpu_gib is None else gpu_gib * GiB
+    return plan_memory(a14b_sizes(), reference_workload(), dtype="bfloat16", gpu_free=gpu, host_free=host, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a14b_sizes_are_the_model_card_ones() -> None:
+    ws = offload.weight_sizes(a14b_sizes(), "bfloat16")
+    assert ws.expert / 1e9 == pytest.approx(28.6, abs=0.1) and ws.text_encoder / 1e9 == pytest.approx(11.4, abs=0.1)
+    assert ws.nonblock + 40 * ws.block == pytest.approx(ws.expert)
+
+
+@pytest.mark.parametrize(("card_gib", "expected"), [(79, "none"), (47, "expert"), (23, "block")])  # free on 80, 48, 24 GB cards
+def test_auto_picks_per_tier_at_480p(card_gib: float, expected: str) -> None:
+    chosen = plan(card_gib)
+    assert chosen.offload == expected and chosen.fits is True and chosen.chosen_by == "auto"
+    assert chosen.peak_bytes <= card_gib * GiB
+    assert f"memory plan: {expected}" in chosen.describe() and "expected peak" in chosen.describe()
+
+
+def test_faster_says_what_to_free() -> None:
+    assert "free" in plan(47).faster[0] and "--offload none" in plan(47).faster[0]
+    block = plan(23)
+    assert any("--offload none" in t for t in block.faster) and any("--offload expert" in t for t in block.faster)
+    assert any("--weights fp8" in t for t in plan(47).faster)  # two fp8 experts fit a 48 GB card
+    assert not any("--offload" in t for t in plan(79).faster)
+
+
+@pytest.mark.parametrize(("cap", "expected"), [(47, "expert"), (23, "block"), (200, "none")])
+def test_max_gpu_memory_caps_the_choice(cap: float, expected: str) -> None:
+    chosen = plan(79, max_gpu_memory=cap)
+    assert chosen.offload == expected and chosen.gpu_budget == min(cap, 79) * GiB
+    if expected != "none":
+        assert any("raise --max_gpu_memory" in t for t in chosen.faster)
+
+
+def test_expert_plan_prefetches_what_fits() -> None:
+    tight = plan(47)
+    assert 0 < tight.prefetch_bytes < tight.expert_bytes and "prefetched before the switch" in tight.describe()
+    roomy = plan(79, offload="expert", t5_cpu=True)
+    assert roomy.chosen_by == "forced" and roomy.prefetch_bytes == roomy.expert_bytes and "in full" in roomy.describe()
+    assert plan(36, offload="expert").prefetch_bytes == 0  # copied at the switch, said so
+    assert "copied at the switch" in plan(36, offload="expert").describe()
+
+
+def test_text_encoder_and_vae_follow_the_room() -> None:
+    assert plan(79).text_encoder in ("gpu", "visit") and plan(79, t5_cpu=True).text_encoder == "cpu"
+    assert plan(47).text_encoder == "visit"  # 11 GB of UMT5 cannot stay beside an expert and the activations
+    assert not plan(23).vae_tiling and plan(23, vae_tiling=True).vae_tiling
+
+
+def test_nothing_fits_says_so() -> None:
+    chosen = plan(12)
+    assert chosen.fits is False and chosen.offload == "block"
+    assert any("--max_image_size" in t for t in chosen.faster)
+    host_short = plan(23, host=40 * GiB)
+    assert host_short.fits is False and any("host memory" in t for t in host_short.faster)
+
+
+def test_unknown_free_memory_keeps_everything_resident() -> None:
+    chosen = plan(None, host=None)
+    assert chosen.offload == "none" and chosen.fits is None and chosen.prefetch_bytes == 0
+
+
+def test_fp8_plans_need_about_half() -> None:
+    bf16, fp8 = offload.weight_sizes(a14b_sizes(), "bfloat16"), offload.weight_sizes(a14b_sizes(), "bfloat16", "fp8")
+    assert 0.5 < fp8.expert / bf16.expert < 0.55
+    assert plan(47, weights_format="fp8").offload == "none"
+
+
+def test_bad_flags_are_refused() -> None:
+    with pytest.raises(ValueError, match="--offload"):
+        plan(79, offload="disk")
+    with pytest.raises(ValueError, match="--weights"):
+        plan(79, weights_format="int4")
+
+
+# --------------------------------------------------------------------------- CUDA only
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (side streams, pinned memory)")
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", ["expert", "block"])
+def test_cuda_offload_is_bit_identical(config: str, case: Case, mode: str) -> None:
+    def render(offload_mode: str) -> tuple[torch.Tensor, Renderer]:
+        r = Renderer.from_pretrained(config, runtime=RuntimeConfig(device="cuda", dtype="bfloat16", attention="sdpa", offload=offload_mode))
+        return r.render(case, SMALL).latent, r
+
+    reference, _ = render("none")
+    latent, renderer = render(mode)
+    assert torch.equal(latent, reference)
+    store = renderer.store
+    assert store.stream is not None
+    # Registered page-aligned inside a larger allocation: Tensor.is_pinned() looks at the allocation's start, so ask the copy.
+    assert all(c.pinned for copies in store.blocks.values() for c in copies)
+
+
+@needs_cuda
+def test_cuda_block_streaming_overlaps_on_a_side_stream(config: str) -> None:
+    renderer = Renderer.from_pretrained(config, runtime=RuntimeConfig(device="cuda", dtype="bfloat16", attention="sdpa", offload="block"))
+    store = renderer.store
+    model = store("high")
+    list(model.blocks)  # iterate like a forward: fetch i, prefetch i + 1
+    torch.cuda.synchronize()
+    assert store.blocks["high"][0].on_device and store.most_blocks_on_device <= offload.STREAMED_BLOCKS
+    assert store.blocks["high"][0].device_buffer is not None and store.blocks["high"][0].device_buffer.is_cuda
