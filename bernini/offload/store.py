@@ -1,0 +1,218 @@
+"""Residency at run time: the ExpertStore the denoiser calls, blocks streamed through it, and loading a model block by block."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from bernini import weights
+from bernini.models.transformer import WanTransformer
+from bernini.offload.host import HostCopy, host_copy, module_slots
+from bernini.offload.plan import OFFLOADS, GiB
+
+log = logging.getLogger("bernini.offload")  # the logger name of the single module this package was split from
+
+
+class StreamedBlocks(nn.ModuleList):
+    """``model.blocks`` whose iteration tells the store before block i is used (same children, same names)."""
+
+    def __init__(self, blocks: nn.ModuleList, before_block: Callable[[int], None]) -> None:
+        super().__init__(blocks)
+        self._before_block = before_block
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        # The forward loop and encode_text both iterate, so this is the one place to fetch and release.
+        for index, block in enumerate(super().__iter__()):
+            self._before_block(index)
+            yield block
+
+
+class ExpertStore:
+    """What the Denoiser asks for an expert: ``store(name)`` returns it usable on the device, per the plan.
+
+    none: every expert resident. expert: the called expert resident, the others in pinned host memory;
+    ``prefetch`` copies the next one ahead on a side stream as far as ``prefetch_bytes`` allows, the rest
+    is copied at the switch and each block waits only for its own copy. block: non-block parts resident,
+    blocks copied in one ahead of use on a side stream and released after. Copies are exact: lossless.
+    """
+
+    def __init__(self, experts: Mapping[str, WanTransformer], offload: str = "none", device: torch.device | str = "cpu", prefetch_bytes: float = 0.0) -> None:
+        if offload not in OFFLOADS:
+            raise ValueError(f"unknown offload {offload!r}; choose one of {', '.join(OFFLOADS)}")
+        self.experts = dict(experts)
+        self.offload = offload
+        self.device = torch.device(device)
+        self.prefetch_bytes = prefetch_bytes
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and offload != "none" else None
+        self.heads: dict[str, HostCopy | None] = {}
+        self.blocks: dict[str, list[HostCopy]] = {}
+        self.active: str | None = None
+        self.copied_bytes = 0
+        self.most_blocks_on_device = 0
+        for name, model in self.experts.items():
+            if offload != "none":
+                self._stage(name, model)
+
+    def _stage(self, name: str, model: WanTransformer) -> None:
+        pin = self.device.type == "cuda"
+        self.blocks[name] = [host_copy(block, pin) for block in model.blocks]
+        if self.offload == "expert":
+            self.heads[name] = host_copy(model, pin, skip="blocks")
+        else:
+            self.heads[name] = None
+            for slot in module_slots(model, skip="blocks"):  # embeddings and head stay resident
+                slot.set(slot.get().to(self.device))
+        model.blocks = StreamedBlocks(model.blocks, functools.partial(self._before_block, name))
+
+    def __call__(self, name: str) -> WanTransformer:
+        """The expert, usable on the device now (the compute stream waits for what it needs first)."""
+        if self.offload != "none":
+            for other in self.experts:
+                if other != name:
+                    self._release_expert(other)
+            if self.offload == "expert":
+                self._fetch_expert(name)
+        self.active = name
+        return self.experts[name]
+
+    def bring_in(self, name: str) -> None:
+        """At a case's start: make ``name`` the resident expert and start its copies (no host wait)."""
+        self(name)
+        self.prefetch(name)
+
+    def prefetch(self, name: str) -> None:
+        """Start copying ``name`` ahead of its first step without evicting anything (within the plan's room)."""
+        if self.offload == "block":
+            self._fetch(self.blocks[name][0])
+        elif self.offload == "expert":
+            room = self.prefetch_bytes
+            for copy in self._copies(name):
+                if not copy.on_device and copy.nbytes > room:
+                    break
+                self._fetch(copy)
+                room -= copy.nbytes
+
+    def _copies(self, name: str) -> list[HostCopy]:
+        head = self.heads.get(name)
+        return ([head] if head is not None else []) + self.blocks.get(name, [])
+
+    def _fetch_expert(self, name: str) -> None:
+        copies = self._copies(name)
+        waiting = sum(c.nbytes for c in copies if not c.on_device)
+        for copy in copies:
+            self._fetch(copy)
+        if self.heads[name] is not None:
+            self._wait(self.heads[name])  # type: ignore[arg-type]
+        if waiting:
+            log.debug("expert %s: %.2f GiB copied in now, %.2f GiB were prefetched", name, waiting / GiB, (sum(c.nbytes for c in copies) - waiting) / GiB)
+
+    def _release_expert(self, name: str) -> None:
+        for copy in self._copies(name):
+            self._release(copy)
+
+    def _before_block(self, name: str, index: int) -> None:
+        blocks = self.blocks[name]
+        if self.offload == "expert":
+            self._wait(blocks[index])
+            return
+        keep = {index, (index + 1) % len(blocks)}
+        for j, copy in enumerate(blocks):
+            if j not in keep:
+                self._release(copy)
+        self._fetch(blocks[index])
+        self._wait(blocks[index])
+        self._fetch(blocks[(index + 1) % len(blocks)])  # overlaps block i's compute; wraps to the next forward
+        on_device = sum(c.on_device for copies in self.blocks.values() for c in copies)
+        self.most_blocks_on_device = max(self.most_blocks_on_device, on_device)
+
+    def _compute_stream(self) -> torch.cuda.Stream:
+        return torch.cuda.current_stream(self.device)
+
+    def _fetch(self, copy: HostCopy) -> None:
+        if copy.on_device:
+            return
+        target = torch.empty(copy.nbytes, dtype=torch.uint8, device=self.device)  # on the compute stream's pool
+        if self.stream is None:
+            target.copy_(copy.buffer)
+        else:
+            # The allocator may hand out memory that queued compute still reads: copy only after it.
+            self.stream.wait_stream(self._compute_stream())
+            with torch.cuda.stream(self.stream):
+                target.copy_(copy.buffer, non_blocking=True)
+            copy.ready = torch.cuda.Event()
+            copy.ready.record(self.stream)
+        copy.point_at(target)
+        self.copied_bytes += copy.nbytes
+
+    def _wait(self, copy: HostCopy) -> None:
+        if copy.ready is not None:
+            self._compute_stream().wait_event(copy.ready)
+            copy.ready = None
+
+    def _release(self, copy: HostCopy) -> None:
+        if copy.on_device:
+            self._wait(copy)  # a copy still in flight must land before its memory is reused
+            copy.point_at_host()
+
+
+# --------------------------------------------------------------------------- loading block by block
+
+
+def _block_sources(sources: Sequence[Mapping[str, Any]], layers: int) -> tuple[list[list[dict[str, Any]]], list[dict[str, Any]]]:
+    """Split priority-ordered key maps into one per block ('blocks.i.' stripped) and the rest."""
+    per_block: list[list[dict[str, Any]]] = [[{} for _ in sources] for _ in range(layers)]
+    rest: list[dict[str, Any]] = [{} for _ in sources]
+    for n, source in enumerate(sources):
+        for key, ref in source.items():
+            head, _, tail = key.partition(".")
+            index, _, name = tail.partition(".")
+            if head == "blocks" and index.isdigit() and int(index) < layers:
+                per_block[int(index)][n][name] = ref
+            else:
+                rest[n][key] = ref
+    return per_block, rest
+
+
+@contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """One INFO line per block would bury the log: only warnings from the loader while blocks load."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def load_blockwise(
+    model: WanTransformer,
+    sources: Sequence[Mapping[str, Any]],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    keep_fp32: tuple[str, ...],
+    each_block: Callable[[nn.Module], None],
+) -> None:
+    """Fill a meta-device model one block at a time; ``each_block`` converts or moves a block right after it lands.
+
+    So at most one block's loaded copy exists beside what ``each_block`` keeps (fp8 weights, a pinned host copy).
+    """
+    per_block, rest = _block_sources(sources, len(model.blocks))
+    blocks = model.blocks
+    with _quiet(weights.__name__):
+        for block, block_sources in zip(blocks, per_block, strict=True):
+            weights.load_weights(block, block_sources, device=device, dtype=dtype, keep_fp32=keep_fp32)
+            each_block(block)
+    model.blocks = nn.ModuleList()  # the non-block parts alone, so the loader sees no missing block keys
+    try:
+        weights.load_weights(model, rest, device=device, dtype=dtype, keep_fp32=keep_fp32)
+    finally:
+        model.blocks = blocks
+    log.info("%s: %d blocks loaded one by one onto %s", type(model).__name__, len(blocks), device)
