@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 import torch
 
-from bernini.cli import configure_logging, runtime_from, settings_from
+from bernini.cli import runtime_from, settings_from
 from bernini.config import GenerationSettings, RuntimeConfig
 from bernini.demo.page import build_app
 from bernini.demo.service import DemoService, DistPeers, JobRunner, LocalPeers
 from bernini.main import make_enhancer, model_identity
 from bernini.parallel.groups import Groups, LaunchEnv, Topology, build_topology, destroy_distributed, init_distributed
 from bernini.parallel.runner import build_parser as multi_gpu_parser
-from bernini.parallel.runner import device_for, expert_heads, install
+from bernini.parallel.runner import device_for, expert_heads, install, launch_env
 from bernini.parallel.status import CheckedRender, GroupStatus, describe
 from bernini.runner import BatchOptions
 
@@ -231,13 +231,9 @@ def serve_group(args: argparse.Namespace, access: Access, sources: Any, runtime:
 
 def main(argv: Sequence[str] | None = None, prog: str = "gradio_demo.py") -> int:
     args = parse_args(argv, prog)
-    try:
-        env = LaunchEnv.from_environ()
-    except ValueError as exc:
-        configure_logging(args.log_format, args.verbose)
-        log.error("%s", exc)
+    env = launch_env(args)
+    if env is None:
         return 2
-    configure_logging(args.log_format, args.verbose, env.rank)
     from bernini.pipeline import resolve_sources
 
     try:  # identical on every rank: all stop here, before any collective or model load

@@ -163,17 +163,25 @@ def finish(plan: BatchPlan, share: Share, topology: Topology, groups: Groups, st
     return int(code[0] or 0)
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "infer_multi_gpu.py") -> int:
-    """The torchrun entry: same flags and case files as infer_single_gpu.py, plus the parallel degrees."""
-    started = time.perf_counter()
-    args = build_parser(prog).parse_args(argv)
+def launch_env(args: argparse.Namespace) -> LaunchEnv | None:
+    """torchrun's environment, with logging set up for this rank; None (logged) when it is inconsistent."""
     try:
         env = LaunchEnv.from_environ()
     except ValueError as exc:
         configure_logging(args.log_format, args.verbose)
         log.error("%s", exc)
-        return 2
+        return None
     configure_logging(args.log_format, args.verbose, env.rank)
+    return env
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "infer_multi_gpu.py") -> int:
+    """The torchrun entry: same flags and case files as infer_single_gpu.py, plus the parallel degrees."""
+    started = time.perf_counter()
+    args = build_parser(prog).parse_args(argv)
+    env = launch_env(args)
+    if env is None:
+        return 2
     try:
         topology, sources, device = setup(args, env)
     except ValueError as exc:  # identical on every rank: all of them stop here, before any collective
