@@ -265,7 +265,7 @@ def test_crash_while_writing_leaves_nothing(config: str, tmp_path: Path, monkeyp
         file.write_bytes(b"\x00" * 1000)  # half a file, then the process "dies"
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(media, "encode_mp4", crash)
+    monkeypatch.setattr("bernini.media.write.encode_mp4", crash)  # looked up by write_media
     out = tmp_path / "out"
     code, _o, _e = run(config, "--case", ASSETS / "t2v", ASSETS / "t2i", "--output_dir", out, capsys=capsys)
     assert code == 1

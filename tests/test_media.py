@@ -252,7 +252,7 @@ def test_load_video_decodes_only_what_it_needs(
         decoded.append(1)
         return real(rgb, rotation)
 
-    monkeypatch.setattr(media, "rotate_upright", counting)
+    monkeypatch.setattr("bernini.media.read.rotate_upright", counting)  # looked up by iter_decoded_frames
     video = load_video(path, fps=16, num_frames=17, max_size=848)
     needed = sample_frame_indices(120, 30.0, 16.0, 17)
     assert video.shape[1] == 17
@@ -264,8 +264,8 @@ def test_load_video_survives_an_over_reported_frame_count(
 ) -> None:
     honest = load_video(clip30, fps=16, num_frames=81, max_size=848)
     real_probe = media.probe_video
-    monkeypatch.setattr(
-        media, "probe_video", lambda path: dataclasses.replace(real_probe(path), frames=60)
+    monkeypatch.setattr(  # looked up by load_video
+        "bernini.media.read.probe_video", lambda path: dataclasses.replace(real_probe(path), frames=60)
     )
     assert torch.equal(load_video(clip30, fps=16, num_frames=81, max_size=848), honest)
 
@@ -340,15 +340,15 @@ def test_missing_and_directory(tmp_path: Path) -> None:
 
 
 def test_limits(clip30: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(media, "MAX_FRAMES", 10)
+    monkeypatch.setattr("bernini.media.probe.MAX_FRAMES", 10)  # the limits live where they are checked
     with pytest.raises(MediaError, match="10-frame limit; trim"):
         probe_video(clip30)
-    monkeypatch.setattr(media, "MAX_FRAMES", 10_000)
-    monkeypatch.setattr(media, "MAX_PIXELS", 32 * 32)
+    monkeypatch.setattr("bernini.media.probe.MAX_FRAMES", 10_000)
+    monkeypatch.setattr("bernini.media.probe.MAX_PIXELS", 32 * 32)
     with pytest.raises(MediaError, match="pixels-per-frame limit.*downscale"):
         probe_video(clip30)
-    monkeypatch.setattr(media, "MAX_PIXELS", 4096 * 4096)
-    monkeypatch.setattr(media, "MAX_FILE_BYTES", 100)
+    monkeypatch.setattr("bernini.media.probe.MAX_PIXELS", 4096 * 4096)
+    monkeypatch.setattr("bernini.media.probe.MAX_FILE_BYTES", 100)
     with pytest.raises(MediaError, match="file size limit"):
         probe_video(clip30)
 
@@ -433,7 +433,7 @@ def test_crash_mid_write_leaves_nothing(
             raise error
         return real(rgb)
 
-    monkeypatch.setattr(media, "make_video_frame", flaky)
+    monkeypatch.setattr("bernini.media.write.make_video_frame", flaky)  # looked up by encode_mp4
     expected = MediaError if isinstance(error, Exception) else KeyboardInterrupt
     with pytest.raises(expected) as caught:
         write_media(np.zeros((9, 32, 32, 3), np.uint8), final, fps=16)
@@ -446,7 +446,7 @@ def test_crash_mid_write_leaves_nothing(
 def test_failed_verification_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(media, "verify_media", lambda *args: False)
+    monkeypatch.setattr("bernini.media.write.verify_media", lambda *args: False)  # looked up by write_media
     with pytest.raises(MediaError, match="did not read back"):
         write_media(np.zeros((3, 32, 32, 3), np.uint8), tmp_path / "clip.mp4", fps=16)
     assert list(tmp_path.iterdir()) == []
