@@ -82,3 +82,36 @@ def test_compiled_blocks_equal_eager(pair) -> None:
         eager = ours(ours.embed(packed), t, ours.encode_text(text), (cos, sin))
         fast = compiled(compiled.embed(packed), t, compiled.encode_text(text), (cos, sin))
     torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_block_compiles_without_graph_breaks(pair) -> None:
+    import torch._dynamo
+
+    _, ours = pair
+    block = ours.blocks[0]
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 12, 48, generator=g)
+    modulation = torch.randn(2, 6, 48, generator=g)
+    kv = ours.encode_text(torch.randn(2, 7, 32, generator=g))[0]
+    rope = rope_tables([(2, 2, 3)], [0.0], 24, "cpu")
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(block)(x, modulation, kv, rope, ours.sequence)
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_flash_kernels_are_opaque_to_the_compiler() -> None:
+    """The FA3/FA4/FA2 call is a custom op: dynamo keeps one graph around a kernel it cannot trace."""
+    import torch._dynamo
+
+    from bernini import attention
+
+    q, k, v = (torch.randn(1, 5, 2, 8) for _ in range(3))
+    saved = dict(attention._state)
+    attention._state.update(name="fa4", fn=attention._sdpa)  # a stand-in kernel that runs on the CPU
+    try:
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(lambda a, b, c: attention._kernel(a, b, c) * 2)(q, k, v)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        torch.testing.assert_close(attention._kernel(q, k, v), attention._sdpa(q, k, v))
+    finally:
+        attention._state.update(saved)
