@@ -131,6 +131,9 @@ def plan_case(case: Case, settings: GenerationSettings) -> CasePlan:
     if settings.num_frames != frames and not task.single_frame and not case.videos:
         log.info("%s: num_frames %d coerced to 4k+1: %d", case.name, settings.num_frames, frames)
     mode_name = resolve_mode(case, settings.guidance_mode)
+    if not settings.use_unipc and get_mode(mode_name).uses_apg:
+        # The Euler fallback ends at sigma 0, where APG's x0-space conversion divides by zero.
+        raise CaseError(f"{case.source}: guidance mode {mode_name!r} needs the UniPC scheduler; drop --no-use_unipc or pick rv2v, v2v, v2v_chain or t2v")
     grid = latent_grid(frames, height, width)
     tokens = _tokens(grid)
     fake = _fake_conditions(case, sources)

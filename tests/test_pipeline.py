@@ -86,3 +86,15 @@ def test_single_expert_config_never_switches_or_scales(tiny, tmp_path: Path) -> 
 def test_system_prompt_is_glued_to_the_cleaned_prompt(renderer) -> None:
     _, out = latent(renderer, CASES / "v2v" / "v2v_case1.json")
     assert out.prompt_used.startswith("You are a helpful assistant specialized in video editing.Add a small snowman")
+
+
+def test_euler_fallback_runs_plain_cfg_and_refuses_apg_before_loading(renderer) -> None:
+    from bernini.cases import CaseError
+    from bernini.plan import plan_case
+
+    euler = GenerationSettings(**{**SMALL.to_dict(), "use_unipc": False})
+    with pytest.raises(CaseError, match="needs the UniPC scheduler"):
+        plan_case(load_case_file(CASES / "t2v" / "t2v.json"), euler)  # t2v_apg by default
+    plain = GenerationSettings(**{**euler.to_dict(), "guidance_mode": "t2v"})
+    got, out = latent(renderer, CASES / "t2v" / "t2v.json", plain)
+    assert torch.isfinite(got).all() and out.info["expert_steps"]["high"] >= 1
