@@ -7,12 +7,12 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bernini.guidance import GUIDANCE_MODES, get_mode
+from bernini.guidance import get_mode
 from bernini.tasks import TASKS, Task, get_task
 
 log = logging.getLogger(__name__)
@@ -374,6 +374,3 @@ def resolve_mode(case: Case, cli_mode: str | None) -> str:
     """Case file first, then --guidance_mode, then the task's default (upstream: always rv2v)."""
     return case.guidance_mode or cli_mode or case.task.default_mode
 
-
-def modes() -> Iterable[str]:
-    return GUIDANCE_MODES.keys()
