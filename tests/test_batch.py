@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from media_files import encode_audio_only, small_clip
 from PIL import Image
 
 from bernini import main as entry
@@ -98,18 +98,6 @@ def write_case(folder: Path, name: str, data: dict[str, Any]) -> Path:
     return path
 
 
-def encode_video(path: Path, rotation: float | None = None) -> Path:
-    with av.open(str(path), mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=Fraction(16))
-        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
-        if rotation is not None:
-            stream.set_display_rotation(rotation)
-        for i in range(9):
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.full((32, 64, 3), i * 25, np.uint8), format="rgb24")))
-        container.mux(stream.encode(None))
-    return path
-
-
 def nan_forward(self: WanTransformer, tokens: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     return torch.full((tokens.shape[0], tokens.shape[1], self.cfg.patch_features), float("nan"))
 
@@ -143,15 +131,8 @@ def mixed(tmp_path: Path) -> Path:
     m = root / "media"
     (m / "corrupt.mp4").write_bytes(np.random.default_rng(1).bytes(5000))
     (m / "empty.mp4").write_bytes(b"")
-    encode_video(m / "portrait.mp4", rotation=90)
-    with av.open(str(m / "voice.m4a"), mode="w", format="mp4") as c:
-        s = c.add_stream("aac", rate=16000)
-        s.layout = "mono"
-        for i in range(4):
-            f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-            f.sample_rate, f.pts = 16000, i * 1024
-            c.mux(s.encode(f))
-        c.mux(s.encode(None))
+    small_clip(m / "portrait.mp4", rotation=90, step=25)
+    encode_audio_only(m / "voice.m4a")
     var, bad = root / "variations", root / "broken"
     write_case(var, "v2v_plain_cfg", {"task_type": "v2v", "prompt": "make it snow", "video": "../media/source.mp4", "guidance_mode": "v2v"})
     write_case(var, "portrait", {"task_type": "v2v", "prompt": "make it rain", "video": "../media/portrait.mp4"})

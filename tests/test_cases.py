@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 import pytest
+from media_files import encode_audio_only, small_clip
 
 from bernini import main as entry
 from bernini.cases import BatchSpec, CaseError, collect_cases
@@ -40,34 +39,8 @@ def media(tmp_path: Path) -> Path:
     (folder / "empty.mp4").write_bytes(b"")
     (folder / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(4096))
     encode_audio_only(folder / "voice.mp4")
-    encode_video(folder / "portrait.mp4", rotation=-90)
+    small_clip(folder / "portrait.mp4", rotation=-90)
     return folder
-
-
-def encode_video(path: Path, rotation: float | None = None, frames: int = 9, width: int = 64, height: int = 32) -> Path:
-    """A small x264 clip stored landscape; `rotation` sets the display matrix (PyAV, counter-clockwise)."""
-    with av.open(str(path), mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=Fraction(16))
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        if rotation is not None:
-            stream.set_display_rotation(rotation)
-        for i in range(frames):
-            rgb = np.full((height, width, 3), i * 20, np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
-        container.mux(stream.encode(None))
-    return path
-
-
-def encode_audio_only(path: Path) -> Path:
-    with av.open(str(path), mode="w", format="mp4") as container:
-        stream = container.add_stream("aac", rate=16000)
-        stream.layout = "mono"
-        for i in range(4):
-            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-            frame.sample_rate, frame.pts = 16000, i * 1024
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-    return path
 
 
 def write_case(folder: Path, name: str, data: Any) -> Path:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
-from fractions import Fraction
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,6 +11,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from media_files import encode_audio_only, encode_video, gray_frames
 from PIL import Image
 
 from bernini import media
@@ -32,48 +32,6 @@ from bernini.media import (
 # A phone's portrait clip: stored landscape, shown turned 90 degrees clockwise (`rotate=90`).
 PHONE_PORTRAIT_MATRIX = (0, 65536, 0, -65536, 0, 0, 0, 0, 1 << 30)
 NOISE = np.random.default_rng(2).bytes(4096)  # not any media format
-
-
-def gray_frames(count: int, width: int, height: int, step: int = 6) -> np.ndarray:
-    """Frame i is flat gray i*step, so a decoded frame tells which source frame it was."""
-    values = (np.arange(count) * step % 256).astype(np.uint8)
-    return np.broadcast_to(values[:, None, None, None], (count, height, width, 3)).copy()
-
-
-def encode_video(
-    path: Path,
-    frames: np.ndarray,
-    fps: int = 30,
-    container_format: str = "mp4",
-    display_matrix: Sequence[int] | None = None,
-    rotation: float | None = None,
-) -> Path:
-    """Write uint8 [T, H, W, 3] frames with x264 (near lossless) and optional display rotation."""
-    with av.open(str(path), mode="w", format=container_format) as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps), options={"crf": "0"})
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        if display_matrix is not None:
-            stream.set_display_matrix(list(display_matrix))
-        if rotation is not None:
-            stream.set_display_rotation(rotation)
-        for rgb in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
-        container.mux(stream.encode(None))
-    return path
-
-
-def encode_audio_only(path: Path) -> Path:
-    """A short silent AAC track in an mp4 container, with no video stream."""
-    with av.open(str(path), mode="w", format="mp4") as container:
-        stream = container.add_stream("aac", rate=16000)
-        stream.layout = "mono"
-        for i in range(8):
-            silence = np.zeros((1, 1024), np.float32)
-            frame = av.AudioFrame.from_ndarray(silence, format="fltp", layout="mono")
-            frame.sample_rate, frame.pts = 16000, i * 1024
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-    return path
 
 
 def striped_frames(count: int, width: int, height: int) -> np.ndarray:
