@@ -1,6 +1,8 @@
 """One expert forward at Wan shapes: our transformer per attention backend (eager and compiled) vs diffusers.
 
 python benchmarks/bench_transformer.py [--tokens 33390 66780 75600] [--backends sdpa fa4] [--compile] [--json out.json]
+python benchmarks/bench_transformer.py --variants sdpa+compile fa4+compile fa4+compile+unfused   # chosen rows only
+A variant is backend[+compile][+unfused]; "unfused" runs the FFN's GELU as its own kernel instead of in the GEMM epilogue.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 
 from bernini import attention
 from bernini.models.rope import rope_tables
-from bernini.models.transformer import compile_blocks, patchify, unpatchify
+from bernini.models.transformer import FeedForward, compile_blocks, patchify, unpatchify
 from benchmarks.common import A14B, device_name, forward_flops, random_expert, rel_error, time_cuda, write_json
 
 # tokens -> (condition grids, target grid): the layouts the renderer really runs
@@ -46,6 +48,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, nargs="+", default=[33390, 66780, 75600])
     p.add_argument("--backends", nargs="+", default=["sdpa", "fa4", "fa3"])
     p.add_argument("--compile", action="store_true", help="also time our model with regional torch.compile")
+    p.add_argument("--variants", nargs="+", help="backend[+compile][+unfused] rows instead of --backends/--compile")
     p.add_argument("--no-diffusers", action="store_true")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--json")
@@ -58,6 +61,8 @@ def main() -> None:
         ref = diffusers_model(ours)
         fresh_rope_buffers(ref)
     backends = [b for b in args.backends if attention.available_backends("cuda").get(b) is None]
+    variants = args.variants or [b for b in backends] + ([f"{b}+compile" for b in backends] if args.compile else [])
+    variants = [v for v in variants if v.split("+")[0] in backends]  # backends this machine lacks are left out
     rows, g = [], torch.Generator("cuda").manual_seed(1)
     print(f"device: {device_name()}")
     print(f"{'tokens':>7} {'model':28} {'s/fwd':>7} {'TFLOP/s':>8} {'peak GiB':>8} {'vs diffusers':>12} {'rel err':>8}")
@@ -84,12 +89,17 @@ def main() -> None:
         with torch.no_grad():
             kv = ours.encode_text(text)
             tokens_in = torch.cat([ours.embed(patchify(x, (1, 2, 2))) for x in latents], dim=1)
-        variants = [(b, False) for b in backends] + ([(b, True) for b in backends] if args.compile else [])
-        for backend, compiled in variants:
+        for variant in variants:
+            backend, *options = variant.split("+")
+            compiled = "compile" in options
+            FeedForward.fuse_gelu = "unfused" not in options
             attention.select_backend(backend, "cuda")
             model = ours
             if compiled:
                 compile_blocks(model)
+            else:
+                for block in ours.blocks:
+                    block._compiled_call_impl = None
             torch.cuda.reset_peak_memory_stats()
             with torch.no_grad():
                 run = lambda: model(tokens_in, t, kv, (cos, sin))  # noqa: E731
@@ -98,7 +108,7 @@ def main() -> None:
                 if ref_out is not None:
                     out = unpatchify(run()[:, -target[0] * target[1] * target[2] :], target, (1, 2, 2))
                     err = rel_error(out, ref_out)
-            name = f"bernini {backend}{' +compile' if compiled else ''}"
+            name = f"bernini {variant}"
             row = dict(tokens=tokens, model=name, seconds=sec, tflops=flops / sec / 1e12, peak_gib=torch.cuda.max_memory_allocated() / 2**30, speedup=(base / sec if base else None), rel_err=err)
             rows.append(row)
             speed = f"{base / sec:.2f}x" if base else "-"

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
 
 from bernini.models.rope import rope_tables
-from bernini.models.transformer import TransformerConfig, WanTransformer, patchify, unpatchify
+from bernini.models.transformer import TransformerConfig, WanTransformer, linear_gelu, patchify, unpatchify
 
 TINY = dict(
     patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=24, in_channels=16, out_channels=16,
@@ -115,3 +116,23 @@ def test_flash_kernels_are_opaque_to_the_compiler() -> None:
         torch.testing.assert_close(attention._kernel(q, k, v), attention._sdpa(q, k, v))
     finally:
         attention._state.update(saved)
+
+
+def test_linear_gelu_without_cuda_is_the_plain_form() -> None:
+    linear = torch.nn.Linear(16, 32)
+    x = torch.randn(2, 5, 16)
+    assert torch.equal(linear_gelu(x, linear), F.gelu(linear(x), approximate="tanh"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the cuBLASLt GELU epilogue)")
+def test_fused_gelu_is_the_tanh_gelu_within_bf16_rounding() -> None:
+    """The epilogue form against a float64 re-computation: no further from it than the unfused bf16 form."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 1024).cuda().bfloat16()
+    x = torch.randn(3, 77, 256, device="cuda", dtype=torch.bfloat16)
+    exact = F.gelu(F.linear(x.double(), linear.weight.double(), linear.bias.double()), approximate="tanh")
+    fused, plain = linear_gelu(x, linear), linear_gelu(x, linear, fuse=False)
+    scale = exact.abs().max()
+    assert fused.shape == plain.shape == exact.shape and fused.dtype == torch.bfloat16
+    assert (fused.double() - exact).abs().max() / scale < 1e-2
+    assert (fused.double() - exact).abs().max() <= (plain.double() - exact).abs().max() * 1.5
