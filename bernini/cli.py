@@ -80,7 +80,7 @@ def build_parser(prog: str, multi_gpu: bool = False) -> argparse.ArgumentParser:
     r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="regional torch.compile of the blocks (default: on for CUDA, off on the CPU)")
     r.add_argument("--batch_combos", action=argparse.BooleanOptionalAction, default=True, help="run equal-length guidance passes as one batch")
     r.add_argument("--offload", default="auto", choices=("auto", "none", "expert", "block"))
-    r.add_argument("--t5_cpu", action="store_true", help="keep the text encoder on the CPU")
+    r.add_argument("--t5_cpu", action="store_true", help="encode text on the CPU (default: UMT5 waits in pinned host memory and visits the GPU to encode)")
     r.add_argument("--weights", default="bf16", choices=("bf16", "fp8"), help="fp8: block Linear weights as float8_e4m3fn + per-channel scales (lossy, about half the memory)")
     r.add_argument("--max_gpu_memory", type=float, metavar="GiB", help="plan for (and cap the allocator at) this much GPU memory")
     r.add_argument("--vae_tiling", action=argparse.BooleanOptionalAction, default=None, help="tiled VAE encode/decode (default: when memory is short)")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import mmap
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -86,21 +87,27 @@ class HostCopy:
     """A module's tensors packed into one host buffer (page-locked on CUDA); the module points at host or device copies."""
 
     def __init__(self, slots: list[Slot], pin: bool) -> None:
-        tensors = [s.get() for s in slots]
-        offsets, total = [], 0
-        for t in tensors:
-            offsets.append(total)
-            total += _align(t.numel() * t.element_size())
+        offsets, layout, total = [], [], 0
+        first: dict[int, int] = {}  # a tensor shared by several slots (tied embeddings) is packed once
+        for slot in slots:
+            t = slot.get()
+            if id(t) not in first:
+                first[id(t)] = total
+                total += _align(t.numel() * t.element_size())
+            offsets.append(first[id(t)])
+            layout.append(torch.empty(t.shape, dtype=t.dtype, device="meta"))
         self.slots, self.offsets, self.nbytes = slots, offsets, total
         self.device_buffer: torch.Tensor | None = None
         self.ready: torch.cuda.Event | None = None
         self.buffer, self.pinned = _host_buffer(total, pin)  # pinned before filling: copies from the GPU land at full speed
         if self.pinned:
             weakref.finalize(self, _unpin, self.buffer.data_ptr())
-        self.host = _views(self.buffer, offsets, tensors)
-        for view, tensor in zip(self.host, tensors, strict=True):
-            view.copy_(tensor)
-        self.point_at_host()  # the loaded copies (on the GPU or CPU) are freed here
+        self.host = _views(self.buffer, offsets, layout)
+        for slot, view in zip(slots, self.host, strict=True):
+            tensor = slot.get()
+            if tensor.data_ptr() != view.data_ptr():
+                view.copy_(tensor)
+            slot.set(view)  # the loaded copy is freed now, not after the whole module: a smaller transient peak
 
     @property
     def on_device(self) -> bool:
@@ -110,6 +117,13 @@ class HostCopy:
         for slot, view in zip(self.slots, self.host, strict=True):
             slot.set(view)
         self.device_buffer = None
+
+    def copy_to(self, device: torch.device) -> None:
+        """Copy the packed tensors onto ``device`` in one transfer (queued on the current stream) and point the module at them."""
+        if not self.on_device:
+            target = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
+            target.copy_(self.buffer, non_blocking=self.pinned)
+            self.point_at(target)
 
     def point_at(self, device_buffer: torch.Tensor) -> None:
         for slot, view in zip(self.slots, _views(device_buffer, self.offsets, self.host), strict=True):
@@ -126,3 +140,48 @@ def host_copy(module: nn.Module, pin: bool, skip: str | None = None) -> HostCopy
     if skip is None:
         module.__dict__["_host_copy"] = copy  # the loader packs blocks as they land; the store finds them here
     return copy
+
+
+class HostModule:
+    """A whole module waiting in (pinned) host memory in chunks of about ``chunk_bytes``, copied in for a visit.
+
+    Chunks, not one buffer: after a few cases the allocator's pool is fragmented by activations and streamed
+    blocks, and one 10 GiB request can fail where twenty 0.5 GiB ones fit. Leaving costs no copy.
+    """
+
+    def __init__(self, module: nn.Module, pin: bool, chunk_bytes: int = 2**30) -> None:
+        chunks: list[list[Slot]] = []
+        home: dict[int, int] = {}  # tied tensors go to the chunk that holds their first use
+        size = chunk_bytes
+        for slot in module_slots(module):
+            t = slot.get()
+            if id(t) in home:
+                chunks[home[id(t)]].append(slot)
+                continue
+            nbytes = t.numel() * t.element_size()
+            if size + nbytes > chunk_bytes and size > 0:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(slot)
+            home[id(t)] = len(chunks) - 1
+            size += nbytes
+        self.copies = [HostCopy(c, pin) for c in chunks]
+
+    @property
+    def pinned(self) -> bool:
+        return all(c.pinned for c in self.copies)
+
+    @property
+    def on_device(self) -> bool:
+        return any(c.on_device for c in self.copies)
+
+    @contextmanager
+    def visit(self, device: torch.device) -> Iterator[None]:
+        """The module on ``device`` inside the block, pointing at its host copy again after."""
+        try:
+            for copy in self.copies:
+                copy.copy_to(device)
+            yield
+        finally:
+            for copy in self.copies:
+                copy.point_at_host()

@@ -43,7 +43,7 @@ class Work:
 
 @dataclass(frozen=True)
 class Option:
-    """One candidate placement: offload mode, text encoder placement (gpu | visit | cpu), VAE tiling."""
+    """One candidate placement: offload mode, text encoder placement (visit | cpu), VAE tiling."""
 
     offload: str
     text: str
@@ -56,7 +56,7 @@ class MemoryPlan:
 
     offload: str
     weights: str
-    text_encoder: str  # gpu: resident | visit: on the CPU, moved in to encode | cpu: encodes on the CPU
+    text_encoder: str  # visit: pinned on the host, copied in to encode | cpu: encodes on the CPU
     vae_tiling: bool
     experts: int
     expert_bytes: float
@@ -121,7 +121,7 @@ def _gib(x: float | None) -> float | None:
     return None if x is None else round(x / GiB, 2)
 
 
-_TEXT_WORDS = {"gpu": "resident on the GPU", "visit": "on the CPU, visits the GPU to encode", "cpu": "encodes on the CPU"}
+_TEXT_WORDS = {"visit": "pinned on the host, visits the GPU to encode", "cpu": "encodes on the CPU"}
 
 
 def weight_sizes(sizes: memory.ModelSizes, dtype: str, weights_format: str = "bf16") -> WeightSizes:
@@ -152,28 +152,27 @@ def resident_weights(ws: WeightSizes, offload: str) -> float:
 
 def gpu_need(ws: WeightSizes, work: Work, option: Option) -> float:
     """Expected GPU peak: the resident weights plus the largest phase (encode, denoise or VAE)."""
-    resident = resident_weights(ws, option.offload)
-    text_resident = ws.text_encoder if option.text == "gpu" else 0.0
     text_visit = ws.text_encoder if option.text == "visit" else 0.0
     vae_work = work.vae_tiled if option.tiling else work.vae
-    return memory.GPU_RESERVE + ws.vae + resident + text_resident + max(work.activations, vae_work, text_visit)
+    return memory.GPU_RESERVE + ws.vae + resident_weights(ws, option.offload) + max(work.activations, vae_work, text_visit)
 
 
 def host_need(ws: WeightSizes, option: Option) -> float:
-    """Host memory the placement holds: pinned expert copies (both, so a move back is only a copy) and UMT5 off the GPU."""
+    """Host memory the placement holds: pinned expert copies (both, so a move back is only a copy) and UMT5."""
     experts = {"none": 0.0, "expert": ws.experts * ws.expert, "block": ws.experts * (ws.expert - ws.nonblock)}[option.offload]
-    return memory.HOST_RESERVE + experts + (0.0 if option.text == "gpu" else ws.text_encoder)
+    return memory.HOST_RESERVE + experts + ws.text_encoder
 
 
 def candidates(offload: str, t5_cpu: bool, vae_tiling: bool | None) -> list[Option]:
-    """Placements in order of speed: fewer copies first, VAE tiling before giving up an offload level, CPU encoding last."""
+    """Placements in order of speed: fewer copies first, VAE tiling before giving up an offload level, CPU encoding last.
+
+    UMT5 never stays on the GPU (its memory is worth more to experts and activations than one pinned copy per case).
+    """
     offloads = OFFLOADS if offload == "auto" else (offload,)
     tilings = (False, True) if vae_tiling is None else (vae_tiling,)
-    texts = ("cpu",) if t5_cpu else ("gpu", "visit")
-    order = [Option(o, t, v) for o in offloads for t in texts for v in tilings]
-    if not t5_cpu:  # encoding 1024 tokens through UMT5-XXL on the CPU costs tens of seconds a case
-        order += [Option(o, "cpu", v) for o in offloads for v in tilings]
-    return order
+    order = [Option(o, "visit", v) for o in offloads for v in tilings] if not t5_cpu else []
+    # encoding 1024 tokens through UMT5-XXL on the CPU costs tens of seconds a case: the last resort
+    return order + [Option(o, "cpu", v) for o in offloads for v in tilings]
 
 
 @dataclass(frozen=True)
@@ -255,8 +254,7 @@ def prefetch_bytes(ws: WeightSizes, work: Work, option: Option, usable: float | 
 
 def switch_need(ws: WeightSizes, work: Work, option: Option) -> float:
     """GPU bytes in use during the last step before an expert switch (before any prefetch)."""
-    text = ws.text_encoder if option.text == "gpu" else 0.0
-    return memory.GPU_RESERVE + ws.vae + resident_weights(ws, option.offload) + text + work.activations
+    return memory.GPU_RESERVE + ws.vae + resident_weights(ws, option.offload) + work.activations
 
 
 def faster_options(
@@ -291,8 +289,6 @@ def _leanest(ws: WeightSizes, work: Work, offload: str, tiling: bool) -> Option:
 
 
 def _text_tip(ws: WeightSizes, work: Work, chosen: Option, room: Room, t5_cpu: bool) -> str:
-    if chosen.text == "visit":
-        return _shortfall(ws, work, Option(chosen.offload, "gpu", chosen.tiling), room, "a resident text encoder")
     if chosen.text == "cpu":
         what = "dropping --t5_cpu (encode on the GPU)" if t5_cpu else "the text encoder to visit the GPU (CPU encoding is slow)"
         return _shortfall(ws, work, Option(chosen.offload, "visit", chosen.tiling), room, what)
@@ -306,7 +302,7 @@ def _fp8_tip(sizes: memory.ModelSizes, work: Work, dtype: str, weights_format: s
     fp8 = weight_sizes(sizes, dtype, "fp8")
     reach = OFFLOADS[: OFFLOADS.index(chosen.offload) + (1 if fits is False else 0)]
     for offload in reach:
-        if any(_viable(fp8, work, Option(offload, t, v), room) for t in ("gpu", "visit") for v in (False, True)):
+        if any(_viable(fp8, work, Option(offload, "visit", v), room) for v in (False, True)):
             return f"--weights fp8 (lossy) fits --offload {offload}"
     return ""
 
