@@ -97,31 +97,24 @@ def model_identity(sources: ModelSources) -> dict[str, Any]:
     return identity
 
 
-def log_memory(sources: ModelSources, plans: Sequence[CasePlan], runtime: RuntimeConfig) -> memory.MemoryEstimate | None:
-    """Log what the run will need before anything loads; a failed estimate only logs why."""
-    try:
-        est = memory.estimate_run(sources.base, len(sources.renderer.experts), plans, runtime, sources.renderer.max_sequence_length)
-    except (OSError, ValueError, KeyError) as exc:
-        log.warning("no memory estimate: %s", exc)
-        return None
-    log.log(logging.WARNING if est.fits is False else logging.INFO, "%s", memory.format_estimate(est))
-    return est
-
-
 def dry_run(args: argparse.Namespace, planned: Planned, errors: Sequence[tuple[str, str]], runtime: RuntimeConfig) -> int:
-    """Print the plan and, when --config resolves without the network, the memory estimate."""
+    """Print the plan and, when --config resolves without the network, the memory plan this machine would get."""
     print(format_plan(planned, errors))
     if planned:
+        import torch
+
+        from bernini import offload
         from bernini.doctor import offline_hub
         from bernini.pipeline import resolve_sources
 
         try:
             with offline_hub():
                 sources = resolve_sources(args.config, args.high_noise_ckpt, args.low_noise_ckpt)
-            est = memory.estimate_run(sources.base, len(sources.renderer.experts), [p for _, p in planned], runtime, sources.renderer.max_sequence_length)
-            print(memory.format_estimate(est))
-        except (OSError, ValueError, KeyError) as exc:
-            print(f"memory estimate skipped: --config {args.config} does not resolve offline ({str(exc).splitlines()[0]})")
+            load = memory.workload_of([p for _, p in planned], runtime.batch_combos)
+            plan = offload.plan_for_run(sources.base, len(sources.renderer.experts), runtime, torch.device(runtime.device), load, sources.renderer.max_sequence_length)
+            print(plan.describe())
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            print(f"memory plan skipped: --config {args.config} does not resolve offline ({str(exc).splitlines()[0]})")
     return 0 if not errors else (1 if planned else 2)
 
 
@@ -152,7 +145,6 @@ def main(argv: Sequence[str] | None = None, prog: str = "infer_single_gpu.py") -
     except ValueError as exc:
         log.error("%s", exc)
         return 2
-    log_memory(sources, [p for _, p in planned], runtime)
     enhance = make_enhancer(args) if args.use_pe else None
     code = run_batch(planned, errors, settings, options, identity, lambda: Renderer.load(sources, runtime, memory.workload_of([p for _, p in planned], runtime.batch_combos)).render, enhance, progress_for(args.log_format))
     print(summary_location([p for _, p in planned], options.summary, options.output_dir))

@@ -1,4 +1,6 @@
-"""Memory estimate before loading: weights, activations and the flags that would make a run fit."""
+"""What a run weighs before loading: parameter counts from the configs, activation and VAE arithmetic, free memory.
+
+bernini.offload.plan turns these into the memory plan."""
 
 from __future__ import annotations
 
@@ -19,10 +21,8 @@ GB = 1e9  # decimal, as model cards quote sizes (28.6 GB per bf16 A14B expert)
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 GPU_RESERVE = 1.5 * GB  # CUDA context, cuBLAS workspaces, allocator fragmentation
 HOST_RESERVE = 4.0 * GB  # Python, torch, the media being decoded
-RESIDENT_BLOCKS = 2  # --offload block keeps about this many blocks on the GPU at once
 VAE_CHUNK_FRAMES = 4  # the Wan VAE decodes one latent frame (4 pixel frames) at a time
 VAE_WORK_FACTOR = 6  # live feature maps per full-resolution channel during a VAE chunk
-FLAG_SETS: tuple[tuple[str, bool], ...] = (("none", False), ("none", True), ("expert", False), ("expert", True), ("block", False), ("block", True))
 
 
 @dataclass(frozen=True)
@@ -47,40 +47,6 @@ class Workload:
     tokens: int
     pixels: int
     frames: int
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where the weights sit for one choice of --offload / --t5_cpu, and what that needs."""
-
-    offload: str
-    t5_cpu: bool
-    gpu_bytes: float
-    host_bytes: float
-
-    @property
-    def flags(self) -> str:
-        parts = [f"--offload {self.offload}"] + (["--t5_cpu"] if self.t5_cpu else [])
-        return " ".join(parts)
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """Bytes per component, the requested placement, free memory, and flags that would fit."""
-
-    dtype: str
-    on_gpu: bool
-    expert_bytes: float
-    experts: int
-    text_encoder_bytes: float
-    vae_bytes: float
-    activation_bytes: float
-    vae_work_bytes: float
-    placement: Placement
-    gpu_free: float | None
-    host_free: float | None
-    fits: bool | None  # None: free memory unknown
-    suggestions: tuple[str, ...]
 
 
 def transformer_params(cfg: Mapping[str, Any]) -> int:
@@ -120,78 +86,6 @@ def vae_work_bytes(load: Workload, sizes: ModelSizes) -> float:
     """One causal VAE chunk at full resolution in float32, plus the decoded clip."""
     chunk = VAE_CHUNK_FRAMES * load.pixels * sizes.vae_base_dim * 4 * VAE_WORK_FACTOR
     return chunk + load.frames * load.pixels * 3 * 4
-
-
-def place(sizes: ModelSizes, expert: float, text: float, work: float, offload: str, t5_cpu: bool, on_gpu: bool) -> Placement:
-    """GPU and host bytes for one placement; on the CPU everything is host memory."""
-    total_experts = sizes.experts * expert
-    if offload == "expert":
-        gpu_experts = expert
-    elif offload == "block":
-        gpu_experts = expert * RESIDENT_BLOCKS / max(sizes.num_layers, 1)
-    else:
-        gpu_experts = total_experts
-    gpu = gpu_experts + (0 if t5_cpu else text) + sizes.vae_bytes + work + GPU_RESERVE
-    host = (total_experts - gpu_experts) + (text if t5_cpu else 0) + HOST_RESERVE
-    if not on_gpu:
-        return Placement("none", False, 0.0, total_experts + text + sizes.vae_bytes + work + HOST_RESERVE)
-    return Placement(offload, t5_cpu, gpu, host)
-
-
-def _fits(p: Placement, gpu_free: float | None, host_free: float | None, on_gpu: bool) -> bool | None:
-    if (on_gpu and gpu_free is None) or host_free is None:
-        return None
-    return (not on_gpu or p.gpu_bytes <= gpu_free) and p.host_bytes <= host_free  # type: ignore[operator]
-
-
-def estimate(
-    sizes: ModelSizes,
-    load: Workload,
-    *,
-    dtype: str,
-    offload: str = "none",
-    t5_cpu: bool = False,
-    on_gpu: bool = True,
-    gpu_free: float | None = None,
-    host_free: float | None = None,
-) -> MemoryEstimate:
-    """Pure arithmetic: what the run needs where, whether it fits, and which flags would make it fit."""
-    nbytes = DTYPE_BYTES[dtype]
-    expert = sizes.expert_params * nbytes
-    text = sizes.text_encoder_params * nbytes
-    act = activation_bytes(load.tokens, sizes, nbytes)
-    vae_work = vae_work_bytes(load, sizes)
-    work = max(act, vae_work)  # the VAE runs before and after the DiT, never with it
-    options = [place(sizes, expert, text, work, o, t, on_gpu) for o, t in FLAG_SETS if t or not t5_cpu]
-    fitting = [p for p in options if _fits(p, gpu_free, host_free, on_gpu)]
-    if offload == "auto":  # the first (fastest) placement that fits; 'none' when free memory is unknown
-        chosen = fitting[0] if fitting else options[0] if _fits(options[0], gpu_free, host_free, on_gpu) is None else options[-1]
-    else:
-        chosen = place(sizes, expert, text, work, offload, t5_cpu, on_gpu)
-    fits = _fits(chosen, gpu_free, host_free, on_gpu)
-    suggestions: list[str] = []
-    if fits is False:
-        suggestions = [p.flags for p in fitting if on_gpu][:2]
-        if not suggestions:
-            suggestions = [f"lower --max_image_size / --num_frames (the largest case needs {act / GB:.1f} GB of activations for {load.tokens} tokens)"]
-    return MemoryEstimate(dtype, on_gpu, expert, sizes.experts, text, sizes.vae_bytes, act, vae_work, chosen, gpu_free, host_free, fits, tuple(suggestions))
-
-
-def format_estimate(est: MemoryEstimate) -> str:
-    """A few lines for the log and the dry run."""
-
-    def gb(x: float | None) -> str:
-        return "unknown" if x is None else f"{x / GB:.1f} GB"
-
-    where = f"GPU {gb(est.placement.gpu_bytes)} of {gb(est.gpu_free)} free, " if est.on_gpu else ""
-    verdict = {True: "fits", False: "does NOT fit", None: "fit unknown"}[est.fits]
-    lines = [
-        f"memory estimate ({est.dtype}): experts {est.experts} x {gb(est.expert_bytes)}, text encoder {gb(est.text_encoder_bytes)}, "
-        f"VAE {gb(est.vae_bytes)}, activations {gb(est.activation_bytes)}, VAE work {gb(est.vae_work_bytes)}",
-        f"  with {est.placement.flags if est.on_gpu else 'everything on the CPU'}: {where}host {gb(est.placement.host_bytes)} of {gb(est.host_free)} free -> {verdict}",
-    ]
-    lines += [f"  would fit with: {s}" for s in est.suggestions]
-    return "\n".join(lines)
 
 
 def workload_of(plans: Sequence[CasePlan], batch_combos: bool = True) -> Workload:
@@ -272,19 +166,3 @@ def gpu_free_bytes(device: str) -> float | None:
         return float(free)
     except RuntimeError:
         return None
-
-
-def estimate_run(base: Path, experts: int, plans: Sequence[CasePlan], runtime: Any, text_tokens: int = 512) -> MemoryEstimate:
-    """The estimate for a planned batch with the run's RuntimeConfig and this machine's free memory."""
-    sizes = read_sizes(base, experts, text_tokens)
-    on_gpu = str(runtime.device).startswith("cuda")
-    return estimate(
-        sizes,
-        workload_of(plans, runtime.batch_combos),
-        dtype=runtime.dtype,
-        offload=runtime.offload,
-        t5_cpu=runtime.t5_cpu,
-        on_gpu=on_gpu,
-        gpu_free=gpu_free_bytes(str(runtime.device)),
-        host_free=host_free_bytes(),
-    )

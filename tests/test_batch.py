@@ -300,7 +300,7 @@ def test_dry_run_loads_nothing(config: str, tmp_path: Path, monkeypatch: pytest.
     refuse_loading(monkeypatch)
     code, out, _err = run(config, "--case", ASSETS, "--output_dir", tmp_path, "--dry-run", capsys=capsys)
     assert code == 0
-    assert "8 case(s) ready, 0 invalid" in out and "memory estimate (float32)" in out
+    assert "8 case(s) ready, 0 invalid" in out and "memory plan: none on the CPU" in out
     assert not any(tmp_path.iterdir()), "a dry run writes nothing"
 
 

@@ -234,4 +234,4 @@ def test_dry_run_table_shows_the_plan(tmp_path: Path, capsys: pytest.CaptureFixt
         assert column in header
     assert any(r.startswith("rv2v_case1") and "rv2v" in r and "64x32" in r and str(tmp_path / "rv2v_case1.mp4") in r for r in rows)
     assert "8 case(s) ready, 0 invalid" in out
-    assert "memory estimate skipped" in out
+    assert "memory plan skipped" in out
