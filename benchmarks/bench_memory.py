@@ -1,7 +1,10 @@
 """Peak GPU memory and seconds per step per memory plan, through the real pipeline with full-size random weights.
 
 python benchmarks/bench_memory.py --modes t2v_apg v2v_apg --plans none expert block fp8-none fp8-block --steps 2 [--json out.json]
-Plans: none | expert | block with bf16 weights, fp8-none | fp8-block with FP8 block weights. Each plan gets fresh experts
+python benchmarks/bench_memory.py --modes t2v_apg --plans auto --max_gpu_memory 23   # what a 24 GB card gets
+Plans: none | expert | block with bf16 weights, fp8-none | fp8-block with FP8 block weights, auto | fp8-auto as the runner
+would choose for the free memory (capped by --max_gpu_memory). Peaks are also given per phase (text encoding, denoising
+steps, decode). Each plan gets fresh experts
 (same seeds, so the latents of lossless plans must equal none's: the table shows the difference). 2 steps are one
 'high' and one 'low' step at 480p, so the expert switch is inside the measurement. --max_gpu_memory GiB caps the
 allocator as a smaller card would. Needs a tiny checkpoint for the tokenizer and scheduler (python -m bernini.testing make-tiny .tiny).
@@ -15,6 +18,7 @@ import gc
 import logging
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,7 +34,8 @@ from bernini.pipeline import Renderer, cap_gpu_memory
 from bernini.plan import CasePlan
 from bernini.sampling import StepEvent
 
-PLANS = {"none": ("none", "bf16"), "expert": ("expert", "bf16"), "block": ("block", "bf16"), "fp8-none": ("none", "fp8"), "fp8-block": ("block", "fp8")}
+PLANS = {"none": ("none", "bf16"), "expert": ("expert", "bf16"), "block": ("block", "bf16"), "fp8-none": ("none", "fp8"), "fp8-block": ("block", "fp8"),
+         "auto": ("auto", "bf16"), "fp8-auto": ("auto", "fp8")}
 VAE_BYTES = 508 * 10**6  # the Wan2.1 VAE's safetensors
 
 
@@ -82,10 +87,11 @@ def release(renderer: Renderer) -> None:
 def install(renderer: Renderer, name: str, load: memory.Workload, args: argparse.Namespace) -> MemoryPlan:
     """Plan for the free memory now, build the experts that way, and place UMT5 and the VAE as the plan says."""
     release(renderer)
-    offload_mode, weights_format = PLANS[name]
+    requested, weights_format = PLANS[name]
     device = renderer.device
-    plan = offload.plan_memory(a14b_sizes(), load, dtype="bfloat16", weights_format=weights_format, offload=offload_mode, t5_cpu=args.t5_cpu,
+    plan = offload.plan_memory(a14b_sizes(), load, dtype="bfloat16", weights_format=weights_format, offload=requested, t5_cpu=args.t5_cpu,
                                gpu_free=memory.gpu_free_bytes(str(device)), host_free=memory.host_free_bytes(), max_gpu_memory=args.max_gpu_memory)
+    offload_mode = plan.offload
     logging.getLogger("bench").info("%s: %s", name, plan.describe())
     clock = time.perf_counter()
     experts = build_experts(offload_mode, weights_format, device, args.compile)
@@ -104,27 +110,73 @@ def install(renderer: Renderer, name: str, load: memory.Workload, args: argparse
     return plan
 
 
-def render_case(renderer: Renderer, case_plan: tuple[Any, CasePlan, torch.Tensor | None], settings: GenerationSettings) -> tuple[Any, list[StepEvent]]:
-    case, plan, video = case_plan
+def use_source(renderer: Renderer, video: torch.Tensor | None) -> None:
+    """The synthetic v2v case's source video, VAE-encoded where the renderer encodes its conditions."""
     if video is not None:
         renderer.encode_conditions = lambda c, s, _v=video: Conditions(videos=(renderer.encode_pixels(_v),))  # type: ignore[method-assign]
+
+
+def render_case(renderer: Renderer, case_plan: tuple[Any, CasePlan, torch.Tensor | None], settings: GenerationSettings,
+                on_step: Callable[[StepEvent], None] | None = None) -> tuple[Any, list[StepEvent]]:
+    case, plan, video = case_plan
+    if "encode_conditions" not in renderer.__dict__:
+        use_source(renderer, video)
     steps: list[StepEvent] = []
-    out = renderer.render(case, settings, plan=plan, on_step=steps.append)
+
+    def step(event: StepEvent) -> None:
+        steps.append(event)
+        if on_step is not None:
+            on_step(event)
+
+    out = renderer.render(case, settings, plan=plan, on_step=step)
+    renderer.__dict__.pop("encode_conditions", None)
     return out, steps
 
 
+class PhasePeaks:
+    """The allocator's peak per phase of a render: read and reset at each phase boundary."""
+
+    def __init__(self, renderer: Renderer) -> None:
+        self.gib: dict[str, float] = {}
+        self._wrap(renderer, "encode_text", "text")
+        self._wrap(renderer, "encode_conditions", "vae_encode")
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+    def mark(self, phase: str) -> None:
+        torch.cuda.synchronize()
+        self.gib[phase] = max(self.gib.get(phase, 0.0), torch.cuda.max_memory_allocated() / GiB)
+        torch.cuda.reset_peak_memory_stats()
+
+    def _wrap(self, renderer: Renderer, method: str, phase: str) -> None:
+        inner = getattr(renderer, method)
+
+        def wrapped(*args: Any) -> Any:
+            self.mark("before")
+            result = inner(*args)
+            self.mark(phase)
+            return result
+
+        setattr(renderer, method, wrapped)
+
+    def unwrap(self, renderer: Renderer) -> None:
+        for method in ("encode_text", "encode_conditions"):
+            renderer.__dict__.pop(method, None)
+
+
 def measure(renderer: Renderer, name: str, mode: str, case_plan: Any, settings: GenerationSettings, plan: MemoryPlan) -> dict[str, Any]:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    use_source(renderer, case_plan[2])
+    peaks = PhasePeaks(renderer)
     start = time.perf_counter()
-    out, steps = render_case(renderer, case_plan, settings)
-    torch.cuda.synchronize()
+    out, steps = render_case(renderer, case_plan, settings, on_step=lambda _e: peaks.mark("denoise"))
+    peaks.mark("decode")
+    peaks.unwrap(renderer)
     per = {e: [s.seconds for s in steps if s.expert == e] for e in ("high", "low")}
     return dict(  # noqa: C408 -- a row of keyword columns
         mode=mode, plan=name, offload=plan.offload, weights=plan.weights, text_encoder=plan.text_encoder, vae_tiling=plan.vae_tiling,
         steps=len(steps), total_s=time.perf_counter() - start, s_per_step=sum(s.seconds for s in steps) / len(steps),
         step_s=[round(s.seconds, 3) for s in steps], high_s_per_step=_mean(per["high"]), low_s_per_step=_mean(per["low"]),
-        peak_gib=torch.cuda.max_memory_allocated() / GiB, expected_peak_gib=plan.peak_bytes / GiB,
+        peak_gib=max(peaks.gib.values()), phase_peak_gib={k: round(v, 2) for k, v in peaks.gib.items()}, expected_peak_gib=plan.peak_bytes / GiB,
         copied_gib=out.info.get("memory_plan", {}).get("copied_gib"), phases=out.timings, latent=out.latent,
     )
 
@@ -144,11 +196,14 @@ def compare(rows: list[dict[str, Any]]) -> None:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"{'mode':8} {'plan':10} {'T5':6} {'tiled':5} {'s/step':>7} {'high':>6} {'low':>6} {'peak GiB':>8} {'expect':>6} {'copied':>7} {'vs none':>9}")
+    print(f"{'mode':8} {'plan':10} {'offload':7} {'T5':6} {'tiled':5} {'s/step':>7} {'high':>6} {'low':>6} {'peak GiB':>8} {'expect':>6} "
+          f"{'text/denoise/decode GiB':>23} {'copied':>7} {'vs none':>9}")
     for r in rows:
         err = "n/a" if r["rel_err_vs_none"] is None else ("identical" if r["identical_to_none"] else f"{r['rel_err_vs_none']:.2e}")
-        print(f"{r['mode']:8} {r['plan']:10} {r['text_encoder']:6} {r['vae_tiling']!s:5} {r['s_per_step']:7.2f} {r['high_s_per_step'] or 0:6.2f} "
-              f"{r['low_s_per_step'] or 0:6.2f} {r['peak_gib']:8.1f} {r['expected_peak_gib']:6.1f} {r['copied_gib'] or 0:7.1f} {err:>9}")
+        ph = r["phase_peak_gib"]
+        phases = "/".join(f"{ph.get(k, 0):.1f}" for k in ("text", "denoise", "decode"))
+        print(f"{r['mode']:8} {r['plan']:10} {r['offload']:7} {r['text_encoder']:6} {r['vae_tiling']!s:5} {r['s_per_step']:7.2f} {r['high_s_per_step'] or 0:6.2f} "
+              f"{r['low_s_per_step'] or 0:6.2f} {r['peak_gib']:8.1f} {r['expected_peak_gib']:6.1f} {phases:>23} {r['copied_gib'] or 0:7.1f} {err:>9}")
 
 
 def main() -> None:
@@ -172,7 +227,7 @@ def main() -> None:
     runtime = RuntimeConfig(device="cuda", dtype="bfloat16", attention=args.attention, compile=args.compile)
     attention.select_backend(args.attention, "cuda")
     clock = time.perf_counter()
-    renderer = build_renderer(args.tiny, runtime)
+    renderer = build_renderer(args.tiny, runtime, with_experts=False)  # each plan builds its own
     print(f"device: {device_name()}  attention: {attention.current_backend()}  compile: {args.compile}  "
           f"fp8 via _scaled_mm: {fp8.scaled_mm_supported(renderer.device)}  base built in {time.perf_counter() - clock:.1f} s")
     settings = GenerationSettings(num_inference_steps=args.steps, height=args.height, width=args.width, num_frames=args.frames)

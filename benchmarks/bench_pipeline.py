@@ -36,16 +36,18 @@ def random_fill(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module
 
 
-def build_renderer(tiny: Path, runtime: RuntimeConfig) -> Renderer:
+def build_renderer(tiny: Path, runtime: RuntimeConfig, with_experts: bool = True) -> Renderer:
+    """Random full-size UMT5-XXL, VAE and (unless the caller places its own) both experts resident on the GPU."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
     from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
     with torch.device("meta"):
         t5 = UMT5EncoderModel(UMT5Config(**UMT5_XXL))
     t5 = random_fill(t5.to_empty(device="cuda"), 3).to(torch.bfloat16).eval().to("cpu")
+    t5.encoder.embed_tokens.weight = t5.shared.weight  # a move between devices unties them (two 2 GB copies), a load does not
     text = TextEncoder(AutoTokenizer.from_pretrained(tiny / "tokenizer"), t5)
     vae = VAE(random_fill(AutoencoderKLWan().to("cuda"), 4).eval())
-    experts = {"high": random_expert(seed=0), "low": random_expert(seed=1)}
+    experts = {"high": random_expert(seed=0), "low": random_expert(seed=1)} if with_experts else {}
     if runtime.compile:
         for model in experts.values():
             compile_blocks(model)

@@ -25,17 +25,18 @@ def random_expert(cfg: TransformerConfig = A14B, device: str = "cuda", seed: int
     """Built on the meta device, materialized on the GPU and filled with random values (never zeros)."""
     with torch.device("meta"):
         model = WanTransformer(cfg)
+    for name, p in model.named_parameters():  # final dtypes while still on meta: the GPU only ever holds the bf16 model
+        p.data = p.data.to(torch.float32 if any(part in WanTransformer.keep_fp32 for part in name.split(".")) else torch.bfloat16)
     model.to_empty(device=device)
     g = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            keep = any(part in WanTransformer.keep_fp32 for part in name.split("."))
             data = torch.randn(p.shape, generator=g, device=device, dtype=torch.float32)
             fan_in = p.shape[-1] if p.ndim > 1 else 1
             scale = 1.0 / fan_in**0.5 if p.ndim > 1 else 0.02
             if name.endswith("norm_q.weight") or name.endswith("norm_k.weight") or name.endswith("norm2.weight"):
                 data, scale = data * 0.05 + 1.0, 1.0
-            p.data = (data * scale).to(torch.float32 if keep else torch.bfloat16)
+            p.copy_(data * scale)
     return model.eval().requires_grad_(False)
 
 
