@@ -110,4 +110,5 @@ class RuntimeConfig:
     weights: str = "bf16"  # bf16 | fp8: block Linear weights stored as float8_e4m3fn (lossy, about half the memory)
     max_gpu_memory: float | None = None  # GiB the memory plan may use (None: what is free)
     vae_tiling: bool | None = None  # None: the memory plan decides
+    host_ranks: int = 1  # processes sharing this host's RAM (torchrun's local ranks): each plans with its share
     extra: dict[str, Any] = field(default_factory=dict)

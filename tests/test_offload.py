@@ -320,3 +320,12 @@ def test_cuda_max_gpu_memory_binds_the_allocator_for_a_plain_cuda_device() -> No
             torch.empty(1 * GiB, dtype=torch.uint8, device="cuda")
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+@pytest.mark.parametrize("ranks", [1, 4])
+def test_ranks_on_one_host_plan_with_their_share_of_host_memory(config: str, ranks: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun every local rank pins its own copies: each plans with free host RAM / local ranks."""
+    monkeypatch.setattr(memory, "host_free_bytes", lambda: 100 * GiB)
+    monkeypatch.setattr(memory, "gpu_free_bytes", lambda device: 23 * GiB)
+    chosen = offload.plan_for_run(Path(config), 2, RuntimeConfig(device="cuda", host_ranks=ranks), torch.device("cuda"))
+    assert chosen.host_free == 100 * GiB / ranks and f"of {100 / ranks:.1f} GiB" in chosen.describe()

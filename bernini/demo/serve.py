@@ -214,7 +214,7 @@ def serve_group(args: argparse.Namespace, access: Access, sources: Any, runtime:
         torch.cuda.set_device(device)
     groups = init_distributed(topology, env, device, args.dist_timeout)
     try:
-        runtime = dataclasses.replace(runtime, device=str(device))
+        runtime = dataclasses.replace(runtime, device=str(device), host_ranks=env.local_world_size)
         renderer = load_in_group(sources, runtime, topology, groups)
         if renderer is None:
             return 2

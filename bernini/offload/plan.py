@@ -321,6 +321,11 @@ def reference_workload(frames: int = 81, height: int = 480, width: int = 848, fo
     return memory.Workload(tokens=forwards * t * h * w, pixels=height * width, frames=frames)
 
 
+def host_share(host_free: float | None, ranks: int) -> float | None:
+    """Each of ``ranks`` processes on one host pins its own expert and UMT5 copies: it may plan with its share only."""
+    return None if host_free is None else host_free / max(ranks, 1)
+
+
 def plan_for_run(base: Path, experts: int, runtime: Any, device: torch.device, load: memory.Workload | None = None, text_tokens: int = 512) -> MemoryPlan:
     """The plan for this machine's free memory, the runtime's flags and the largest case (480p when not given)."""
     sizes = memory.read_sizes(base, experts, text_tokens)
@@ -334,6 +339,6 @@ def plan_for_run(base: Path, experts: int, runtime: Any, device: torch.device, l
         vae_tiling=runtime.vae_tiling,
         on_gpu=device.type == "cuda",
         gpu_free=memory.gpu_free_bytes(str(device)),
-        host_free=memory.host_free_bytes(),
+        host_free=host_share(memory.host_free_bytes(), runtime.host_ranks),
         max_gpu_memory=runtime.max_gpu_memory,
     )

@@ -97,7 +97,7 @@ def not_run(item: tuple[Case, CasePlan], error: str) -> CaseRecord:
     return CaseRecord(case.name, case.source, "not_run", output=plan.output, error=error)
 
 
-def render_share(args: argparse.Namespace, plan: BatchPlan, topology: Topology, groups: Groups, sources: Any, device: torch.device) -> Share:
+def render_share(args: argparse.Namespace, plan: BatchPlan, topology: Topology, groups: Groups, sources: Any, device: torch.device, host_ranks: int = 1) -> Share:
     """Load once and render this model group's cases with all its ranks."""
     from bernini.pipeline import Renderer
 
@@ -105,7 +105,7 @@ def render_share(args: argparse.Namespace, plan: BatchPlan, topology: Topology, 
     if not mine:
         return [], None
     status = GroupStatus(groups.model, topology.model_size)
-    runtime: RuntimeConfig = dataclasses.replace(runtime_from(args), device=str(device))
+    runtime: RuntimeConfig = dataclasses.replace(runtime_from(args), device=str(device), host_ranks=host_ranks)
     clock, renderer, error = time.perf_counter(), None, None
     try:
         renderer = Renderer.load(sources, runtime)
@@ -196,7 +196,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "infer_multi_gpu.py") ->
         plan = share_plan(lambda: plan_batch(args, topology, sources), topology, groups)
         if plan.exit_code is not None:
             return plan.exit_code
-        share = render_share(args, plan, topology, groups, sources, device)
+        share = render_share(args, plan, topology, groups, sources, device, env.local_world_size)
         return finish(plan, share, topology, groups, started)
     finally:
         destroy_distributed()
