@@ -74,7 +74,9 @@ class MemoryPlan:
         """One log line: the plan, its expected peak, and what would be faster."""
         if not self.on_gpu:
             where = "everything in host memory" if self.offload == "none" else "device and host are the same memory: offload only exercises its copies"
-            return f"memory plan: {self.offload} on the CPU ({where}); weights {self.weights}"
+            host = "unknown" if self.host_free is None else f"{self.host_free / GiB:.1f}"
+            verdict = " -- does NOT fit" if self.fits is False else ""
+            return f"memory plan: {self.offload} on the CPU ({where}); weights {self.weights}; host {self.host_bytes / GiB:.1f} GiB of {host} GiB{verdict}"
         budget = "unknown" if self.gpu_budget is None else f"{self.gpu_budget / GiB:.1f}"
         host = "unknown" if self.host_free is None else f"{self.host_free / GiB:.1f}"
         verdict = {True: "", False: " -- does NOT fit", None: " (free memory unknown)"}[self.fits]
