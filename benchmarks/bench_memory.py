@@ -98,7 +98,8 @@ def install(renderer: Renderer, name: str, load: memory.Workload, args: argparse
     renderer.experts = experts
     renderer.store = ExpertStore(experts, offload_mode, device, plan.prefetch_bytes)
     renderer.memory_plan = plan
-    renderer.runtime = dataclasses.replace(renderer.runtime, offload=offload_mode, weights=weights_format, max_gpu_memory=args.max_gpu_memory)
+    renderer.runtime = dataclasses.replace(renderer.runtime, offload=offload_mode, weights=weights_format, max_gpu_memory=args.max_gpu_memory,
+                                           batch_combos=plan.batch_combos)
     renderer.place_text_encoder()
     (renderer.vae.model.enable_tiling if plan.vae_tiling else renderer.vae.model.disable_tiling)()
     cap_gpu_memory(args.max_gpu_memory, device)

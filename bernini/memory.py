@@ -42,11 +42,16 @@ class ModelSizes:
 
 @dataclass(frozen=True)
 class Workload:
-    """The largest case: tokens of one batched forward, and frame pixels of the largest frame."""
+    """The largest case: tokens of one (batched) forward and of the largest single pass, frame pixels of the largest frame."""
 
     tokens: int
     pixels: int
     frames: int
+    single_tokens: int = 0  # the largest guidance pass alone (0: as tokens), what the plan needs with combos one at a time
+
+    @property
+    def unbatched_tokens(self) -> int:
+        return self.single_tokens or self.tokens
 
 
 def transformer_params(cfg: Mapping[str, Any]) -> int:
@@ -89,16 +94,16 @@ def vae_work_bytes(load: Workload, sizes: ModelSizes) -> float:
 
 
 def workload_of(plans: Sequence[CasePlan], batch_combos: bool = True) -> Workload:
-    """The largest case's batched forward: equal-length combos run as one batch (--batch_combos)."""
-    tokens, pixels, frames = 0, 0, 1
+    """The largest case's forward: equal-length combos run as one batch (--batch_combos), and its largest single pass."""
+    tokens, single, pixels, frames = 0, 0, 0, 1
     for p in plans:
         groups = Counter(p.tokens_per_forward)
-        batch = max(n * count for n, count in groups.items()) if batch_combos else max(p.tokens_per_forward)
-        tokens = max(tokens, batch)
+        single = max(single, max(p.tokens_per_forward))
+        tokens = max(tokens, max(n * count for n, count in groups.items()) if batch_combos else max(p.tokens_per_forward))
         for m in (p, *p.sources):
             pixels = max(pixels, m.width * m.height)
         frames = max(frames, p.frames)
-    return Workload(tokens, pixels, frames)
+    return Workload(tokens, pixels, frames, single)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -208,6 +209,7 @@ class Renderer:
         experts_named = sources.renderer.experts
         plan = offload.plan_for_run(sources.base, len(experts_named), runtime, device, workload, sources.renderer.max_sequence_length)
         log_plan(plan)
+        runtime = dataclasses.replace(runtime, batch_combos=plan.batch_combos)  # unbatched when only that fits
         cap_gpu_memory(runtime.max_gpu_memory, device)
         text_encoder = TextEncoder.load(sources.base, dtype=dtype, device="cpu", max_length=sources.renderer.max_sequence_length)
         vae = VAE.load(sources.base, device=device)

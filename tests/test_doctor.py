@@ -107,5 +107,5 @@ def plan(tokens: tuple[int, ...], width: int = 848, height: int = 480, frames: i
 
 def test_workload_batches_equal_length_combos() -> None:
     plans = [plan((66780, 66780)), plan((33390, 66780, 66780, 100000), 640, 352, 49)]
-    assert memory.workload_of(plans, batch_combos=True) == memory.Workload(tokens=133560, pixels=848 * 480, frames=81)
+    assert memory.workload_of(plans, batch_combos=True) == memory.Workload(tokens=133560, pixels=848 * 480, frames=81, single_tokens=100000)
     assert memory.workload_of(plans, batch_combos=False).tokens == 100000

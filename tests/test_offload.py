@@ -7,6 +7,7 @@ path as on a GPU, without the side stream and page-locking (those are checked by
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -205,7 +206,8 @@ def test_text_encoder_and_vae_follow_the_room() -> None:
 
 
 def test_nothing_fits_says_so() -> None:
-    chosen = plan(12)
+    assert plan(12).fits  # block, CPU text encoding, the u/c passes one at a time
+    chosen = plan(8)
     assert chosen.fits is False and chosen.offload == "block"
     assert any("--max_image_size" in t for t in chosen.faster)
     host_short = plan(23, host=40 * GiB)
@@ -329,3 +331,27 @@ def test_ranks_on_one_host_plan_with_their_share_of_host_memory(config: str, ran
     monkeypatch.setattr(memory, "gpu_free_bytes", lambda device: 23 * GiB)
     chosen = offload.plan_for_run(Path(config), 2, RuntimeConfig(device="cuda", host_ranks=ranks), torch.device("cuda"))
     assert chosen.host_free == 100 * GiB / ranks and f"of {100 / ranks:.1f} GiB" in chosen.describe()
+
+
+V2V_APG_480P = memory.Workload(tokens=2 * 66780, pixels=848 * 480, frames=81, single_tokens=66780)  # source + target, u/c batched
+
+
+def test_a_24_gb_card_runs_v2v_with_the_guidance_passes_one_at_a_time() -> None:
+    """Batched v2v_apg passes (133,560 tokens) fit no plan in 23 GiB; one at a time (66,780, as t2v's batched pair) they do."""
+    def v2v(gpu_gib: float, **kwargs: object) -> offload.MemoryPlan:
+        return plan_memory(a14b_sizes(), V2V_APG_480P, dtype="bfloat16", gpu_free=gpu_gib * GiB, host_free=HOST, **kwargs)  # type: ignore[arg-type]
+
+    small = v2v(23)
+    assert small.fits and small.offload == "block" and not small.batch_combos and small.text_encoder == "visit"
+    assert "guidance passes one at a time" in small.describe() and small.to_info()["batch_combos"] is False
+    assert any("for batched guidance passes" in tip for tip in small.faster)
+    assert small.peak_bytes == plan(23).peak_bytes  # the same tokens per forward as 480p t2v with its pair batched
+    assert v2v(200).batch_combos and v2v(200).offload == "none"  # room: batched, nothing moves
+    refused = v2v(23, batch_combos=False)  # --no-batch_combos: never batched, and no tip to batch
+    assert not refused.batch_combos and not any("batched" in tip for tip in refused.faster)
+
+
+def test_the_renderer_follows_the_plans_batching(config: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = offload.plan_for_run
+    monkeypatch.setattr(offload, "plan_for_run", lambda *a, **k: dataclasses.replace(real(*a, **k), batch_combos=False))
+    assert load(config).runtime.batch_combos is False

@@ -34,20 +34,25 @@ class WeightSizes:
 
 @dataclass(frozen=True)
 class Work:
-    """Working memory of the largest case: DiT activations and the VAE, untiled and tiled."""
+    """Working memory of the largest case: DiT activations (combos batched and one at a time) and the VAE, untiled and tiled."""
 
     activations: float
     vae: float
     vae_tiled: float
+    single_activations: float = 0.0
+
+    def dit(self, batch: bool) -> float:
+        return self.activations if batch else self.single_activations
 
 
 @dataclass(frozen=True)
 class Option:
-    """One candidate placement: offload mode, text encoder placement (visit | cpu), VAE tiling."""
+    """One candidate placement: offload mode, text encoder placement (visit | cpu), VAE tiling, combos batched."""
 
     offload: str
     text: str
     tiling: bool
+    batch: bool = True
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,7 @@ class MemoryPlan:
     chosen_by: str  # auto | forced
     on_gpu: bool = True
     faster: tuple[str, ...] = ()
+    batch_combos: bool = True  # False: the guidance passes run one at a time because batched ones would not fit
 
     def describe(self) -> str:
         """One log line: the plan, its expected peak, and what would be faster."""
@@ -82,7 +88,7 @@ class MemoryPlan:
         verdict = {True: "", False: " -- does NOT fit", None: " (free memory unknown)"}[self.fits]
         return (
             f"memory plan: {self.offload} ({self._what()}); weights {self.weights}; text encoder {_TEXT_WORDS[self.text_encoder]}; "
-            f"VAE {'tiled' if self.vae_tiling else 'untiled'}; expected peak {self.peak_bytes / GiB:.1f} GiB of {budget} GiB, "
+            f"VAE {'tiled' if self.vae_tiling else 'untiled'}; guidance passes {'batched' if self.batch_combos else 'one at a time'}; expected peak {self.peak_bytes / GiB:.1f} GiB of {budget} GiB, "
             f"host {self.host_bytes / GiB:.1f} GiB of {host} GiB ({self.chosen_by}){verdict}; faster: {'; '.join(self.faster) or 'nothing to gain'}"
         )
 
@@ -107,6 +113,7 @@ class MemoryPlan:
             "weights": self.weights,
             "text_encoder": self.text_encoder,
             "vae_tiling": self.vae_tiling,
+            "batch_combos": self.batch_combos,
             "prefetch_gib": _gib(self.prefetch_bytes),
             "expected_peak_gib": _gib(self.peak_bytes),
             "gpu_budget_gib": _gib(self.gpu_budget),
@@ -144,7 +151,8 @@ def work_of(sizes: memory.ModelSizes, load: memory.Workload, dtype: str) -> Work
     tiled = memory.Workload(load.tokens, min(load.pixels, VAE_TILE_PIXELS), load.frames)
     # A tiled decode still holds the decoded clip; only the per-chunk feature maps shrink.
     vae_tiled = memory.vae_work_bytes(tiled, sizes) + load.frames * (load.pixels - tiled.pixels) * 3 * 4
-    return Work(act, memory.vae_work_bytes(load, sizes), vae_tiled)
+    single = memory.activation_bytes(load.unbatched_tokens, sizes, memory.DTYPE_BYTES[dtype])
+    return Work(act, memory.vae_work_bytes(load, sizes), vae_tiled, single)
 
 
 def resident_weights(ws: WeightSizes, offload: str) -> float:
@@ -156,7 +164,7 @@ def gpu_need(ws: WeightSizes, work: Work, option: Option) -> float:
     """Expected GPU peak: the resident weights plus the largest phase (encode, denoise or VAE)."""
     text_visit = ws.text_encoder if option.text == "visit" else 0.0
     vae_work = work.vae_tiled if option.tiling else work.vae
-    return memory.GPU_RESERVE + ws.vae + resident_weights(ws, option.offload) + max(work.activations, vae_work, text_visit)
+    return memory.GPU_RESERVE + ws.vae + resident_weights(ws, option.offload) + max(work.dit(option.batch), vae_work, text_visit)
 
 
 def host_need(ws: WeightSizes, option: Option) -> float:
@@ -165,16 +173,17 @@ def host_need(ws: WeightSizes, option: Option) -> float:
     return memory.HOST_RESERVE + experts + ws.text_encoder
 
 
-def candidates(offload: str, t5_cpu: bool, vae_tiling: bool | None) -> list[Option]:
-    """Placements in order of speed: fewer copies first, VAE tiling before giving up an offload level, CPU encoding last.
+def candidates(offload: str, t5_cpu: bool, vae_tiling: bool | None, batch_combos: bool = True) -> list[Option]:
+    """Placements in order of speed: fewer copies first; within an offload level VAE tiling, then guidance passes one
+    at a time (about 1% slower; lossless, and what the official renderer does); CPU text encoding last.
 
     UMT5 never stays on the GPU (its memory is worth more to experts and activations than one pinned copy per case).
     """
     offloads = OFFLOADS if offload == "auto" else (offload,)
     tilings = (False, True) if vae_tiling is None else (vae_tiling,)
-    order = [Option(o, "visit", v) for o in offloads for v in tilings] if not t5_cpu else []
-    # encoding 1024 tokens through UMT5-XXL on the CPU costs tens of seconds a case: the last resort
-    return order + [Option(o, "cpu", v) for o in offloads for v in tilings]
+    batches = (True, False) if batch_combos else (False,)
+    texts = ("cpu",) if t5_cpu else ("visit", "cpu")  # 1024 tokens through UMT5-XXL on the CPU: tens of seconds a case
+    return [Option(o, t, v, b) for t in texts for o in offloads for b in batches for v in tilings]
 
 
 @dataclass(frozen=True)
@@ -218,8 +227,11 @@ def plan_memory(
     gpu_free: float | None = None,
     host_free: float | None = None,
     max_gpu_memory: float | None = None,
+    batch_combos: bool = True,
 ) -> MemoryPlan:
-    """The fastest placement that fits the free memory (offload='auto'), or the forced one, with its numbers."""
+    """The fastest placement that fits the free memory (offload='auto'), or the forced one, with its numbers.
+
+    batch_combos=False (--no-batch_combos) keeps the passes one at a time; True lets the plan unbatch them to fit."""
     if offload not in (*OFFLOADS, "auto"):
         raise ValueError(f"unknown --offload {offload!r}; choose auto, {', '.join(OFFLOADS)}")
     if weights_format not in WEIGHT_FORMATS:
@@ -230,11 +242,11 @@ def plan_memory(
         option = Option("none" if offload == "auto" else offload, "cpu", bool(vae_tiling))
         host = ws.experts * ws.expert + ws.text_encoder + ws.vae + max(work.activations, work.vae) + memory.HOST_RESERVE
         return MemoryPlan(option.offload, weights_format, "cpu", option.tiling, ws.experts, ws.expert, 0.0, 0.0, None,
-                          host, host_free, _fits(host, host_free), chosen_by, on_gpu=False)
+                          host, host_free, _fits(host, host_free), chosen_by, on_gpu=False, batch_combos=batch_combos)
     budget = gpu_budget(gpu_free, max_gpu_memory)
     capped = max_gpu_memory is not None and (gpu_free is None or max_gpu_memory * GiB < gpu_free)
     room = Room(None if budget is None else budget * (1 - HEADROOM), host_free, capped)
-    options = candidates(offload, t5_cpu, vae_tiling)
+    options = candidates(offload, t5_cpu, vae_tiling, batch_combos)
     verdicts = [_viable(ws, work, o, room) for o in options]
     index = next((i for i, v in enumerate(verdicts) if v), None)
     if index is None:  # unknown free memory: the fastest; nothing fits: the most frugal
@@ -242,9 +254,9 @@ def plan_memory(
     option = options[index]
     prefetch = prefetch_bytes(ws, work, option, room.gpu)
     peak = max(gpu_need(ws, work, option), switch_need(ws, work, option) + prefetch)
-    faster = faster_options(sizes, load, dtype, weights_format, option, room, t5_cpu, verdicts[index])
+    faster = faster_options(sizes, load, dtype, weights_format, option, room, t5_cpu, verdicts[index], batch_combos)
     return MemoryPlan(option.offload, weights_format, option.text, option.tiling, ws.experts, ws.expert, prefetch, peak, budget,
-                      host_need(ws, option), host_free, verdicts[index], chosen_by, faster=faster)
+                      host_need(ws, option), host_free, verdicts[index], chosen_by, faster=faster, batch_combos=option.batch)
 
 
 def prefetch_bytes(ws: WeightSizes, work: Work, option: Option, usable: float | None) -> float:
@@ -256,7 +268,7 @@ def prefetch_bytes(ws: WeightSizes, work: Work, option: Option, usable: float | 
 
 def switch_need(ws: WeightSizes, work: Work, option: Option) -> float:
     """GPU bytes in use during the last step before an expert switch (before any prefetch)."""
-    return memory.GPU_RESERVE + ws.vae + resident_weights(ws, option.offload) + work.activations
+    return memory.GPU_RESERVE + ws.vae + resident_weights(ws, option.offload) + work.dit(option.batch)
 
 
 def faster_options(
@@ -268,6 +280,7 @@ def faster_options(
     room: Room,
     t5_cpu: bool,
     fits: bool | None,
+    batch_combos: bool = True,
 ) -> tuple[str, ...]:
     """What would make the run faster than the chosen placement (or make it fit): memory to free, or flags."""
     if room.gpu is None:
@@ -279,21 +292,23 @@ def faster_options(
         tips = [_shortfall(ws, work, _leanest(ws, work, o, chosen.tiling), room, f"--offload {o}") for o in OFFLOADS[: OFFLOADS.index(chosen.offload)]]
         tips += [_text_tip(ws, work, chosen, room, t5_cpu)]
         if chosen.tiling:
-            tips.append(_shortfall(ws, work, Option(chosen.offload, chosen.text, False), room, "an untiled VAE"))
+            tips.append(_shortfall(ws, work, Option(chosen.offload, chosen.text, False, chosen.batch), room, "an untiled VAE"))
+        if batch_combos and not chosen.batch:
+            tips.append(_shortfall(ws, work, Option(chosen.offload, chosen.text, chosen.tiling, True), room, "batched guidance passes"))
     tips.append(_fp8_tip(sizes, work, dtype, weights_format, chosen, room, fits))
     if fits is False:
-        tips.append(f"or lower --max_image_size/--num_frames, or --no-batch_combos (activations: {work.activations / GiB:.1f} GiB)")
+        tips.append(f"or lower --max_image_size/--num_frames (activations: {work.dit(chosen.batch) / GiB:.1f} GiB)")
     return tuple(t for t in tips if t)
 
 
 def _leanest(ws: WeightSizes, work: Work, offload: str, tiling: bool) -> Option:
-    return min((Option(offload, t, tiling) for t in ("visit", "cpu")), key=lambda o: gpu_need(ws, work, o))
+    return min((Option(offload, t, tiling, b) for t in ("visit", "cpu") for b in (True, False)), key=lambda o: gpu_need(ws, work, o))
 
 
 def _text_tip(ws: WeightSizes, work: Work, chosen: Option, room: Room, t5_cpu: bool) -> str:
     if chosen.text == "cpu":
         what = "dropping --t5_cpu (encode on the GPU)" if t5_cpu else "the text encoder to visit the GPU (CPU encoding is slow)"
-        return _shortfall(ws, work, Option(chosen.offload, "visit", chosen.tiling), room, what)
+        return _shortfall(ws, work, Option(chosen.offload, "visit", chosen.tiling, chosen.batch), room, what)
     return ""
 
 
@@ -304,7 +319,7 @@ def _fp8_tip(sizes: memory.ModelSizes, work: Work, dtype: str, weights_format: s
     fp8 = weight_sizes(sizes, dtype, "fp8")
     reach = OFFLOADS[: OFFLOADS.index(chosen.offload) + (1 if fits is False else 0)]
     for offload in reach:
-        if any(_viable(fp8, work, Option(offload, "visit", v), room) for v in (False, True)):
+        if any(_viable(fp8, work, Option(offload, "visit", v, b), room) for v in (False, True) for b in (True, False)):
             return f"--weights fp8 (lossy) fits --offload {offload}"
     return ""
 
@@ -320,7 +335,7 @@ def _shortfall(ws: WeightSizes, work: Work, option: Option, room: Room, what: st
 def reference_workload(frames: int = 81, height: int = 480, width: int = 848, forwards: int = 2) -> memory.Workload:
     """480p, 81 frames, the u/c pair batched: what the plan sizes for when the cases are not known."""
     t, h, w = latent_grid(frames, height, width)
-    return memory.Workload(tokens=forwards * t * h * w, pixels=height * width, frames=frames)
+    return memory.Workload(tokens=forwards * t * h * w, pixels=height * width, frames=frames, single_tokens=t * h * w)
 
 
 def host_share(host_free: float | None, ranks: int) -> float | None:
@@ -343,4 +358,5 @@ def plan_for_run(base: Path, experts: int, runtime: Any, device: torch.device, l
         gpu_free=memory.gpu_free_bytes(str(device)),
         host_free=host_share(memory.host_free_bytes(), runtime.host_ranks),
         max_gpu_memory=runtime.max_gpu_memory,
+        batch_combos=runtime.batch_combos,
     )
