@@ -314,3 +314,13 @@ def test_failure_on_one_rank_fails_its_case_on_the_whole_group(tiny: Path, tmp_p
     assert status["v2v_case1"][0] == "failed" and "rank 1: RuntimeError: injected failure on rank 1" in status["v2v_case1"][1]
     assert status["v2v_case2"][0] == status["t2i"][0] == "ok"
     assert not (out / "v2v_case1.mp4").exists() and (out / "v2v_case2.mp4").is_file()
+
+
+def test_one_rank_running_passes_one_at_a_time_makes_its_whole_group_do_so(tiny: Path, tmp_path: Path) -> None:
+    """Ulysses exchanges inside every forward: if one rank's memory plan unbatches the guidance passes, all must (no hang)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["--config", str(tiny), "--case", str(CASES / "t2i"), *TINY_FLAGS, "--output_dir", str(out), "--ulysses", "2"]
+    run_ok([torchrun(2, DIST / "unbatch_on_rank.py", "1", str(out), "--", *args)])
+    assert [(out / f"batch_{r}").read_text() for r in (0, 1)] == ["False", "False"]
+    assert summary_of(out)["exit_code"] == 0

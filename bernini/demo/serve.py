@@ -20,8 +20,8 @@ from bernini.demo.service import DemoService, DistPeers, JobRunner, LocalPeers
 from bernini.main import make_enhancer, model_identity
 from bernini.parallel.groups import Groups, LaunchEnv, Topology, build_topology, destroy_distributed, init_distributed
 from bernini.parallel.runner import build_parser as multi_gpu_parser
-from bernini.parallel.runner import device_for, expert_heads, install, launch_env
-from bernini.parallel.status import CheckedRender, GroupStatus, describe
+from bernini.parallel.runner import device_for, expert_heads, launch_env, load_member
+from bernini.parallel.status import CheckedRender, GroupStatus
 from bernini.runner import BatchOptions
 
 if TYPE_CHECKING:
@@ -190,19 +190,9 @@ def group_topology(args: argparse.Namespace, env: LaunchEnv, sources: Any) -> To
 
 def load_in_group(sources: Any, runtime: RuntimeConfig, topology: Topology, groups: Groups) -> Renderer | None:
     """Load this rank's renderer; None on every rank when any rank failed (all of them hear of it)."""
-    from bernini.pipeline import Renderer
-
-    renderer, error = None, None
-    try:
-        renderer = Renderer.load(sources, runtime)
-        install(renderer, topology, groups)
-    except Exception as exc:  # reported through the status exchange below, never left to a hang
-        log.error("the models could not be loaded: %s", describe(exc), exc_info=not isinstance(exc, ValueError))
-        error = describe(exc)
-    failure = GroupStatus.first(GroupStatus(groups.model, topology.model_size).errors(error))
-    if failure is not None:
+    renderer, failure = load_member(sources, runtime, topology, groups)
+    if renderer is None:
         log.error("the demo cannot start: %s", failure)
-        return None
     return renderer
 
 

@@ -92,21 +92,16 @@ def install(renderer: Any, topology: Topology, groups: Groups) -> None:
     renderer.decode_outputs = topology.is_leader
 
 
-def not_run(item: tuple[Case, CasePlan], error: str) -> CaseRecord:
-    case, plan = item
-    return CaseRecord(case.name, case.source, "not_run", output=plan.output, error=error)
+def load_member(sources: Any, runtime: RuntimeConfig, topology: Topology, groups: Groups) -> tuple[Any, str | None]:
+    """Load and install this rank's renderer; (renderer, None), or (None, the first failure) on every rank of the group.
 
-
-def render_share(args: argparse.Namespace, plan: BatchPlan, topology: Topology, groups: Groups, sources: Any, device: torch.device, host_ranks: int = 1) -> Share:
-    """Load once and render this model group's cases with all its ranks."""
+    The group also agrees on batching: a rank whose memory plan runs the guidance passes one at a time makes
+    the whole group do so, since Ulysses exchanges happen inside each forward and must pair up.
+    """
     from bernini.pipeline import Renderer
 
-    mine = plan.shares[topology.dp_index]
-    if not mine:
-        return [], None
     status = GroupStatus(groups.model, topology.model_size)
-    runtime: RuntimeConfig = dataclasses.replace(runtime_from(args), device=str(device), host_ranks=host_ranks)
-    clock, renderer, error = time.perf_counter(), None, None
+    renderer, error = None, None
     try:
         renderer = Renderer.load(sources, runtime)
         install(renderer, topology, groups)
@@ -115,6 +110,27 @@ def render_share(args: argparse.Namespace, plan: BatchPlan, topology: Topology, 
         error = describe(exc)
     failure = GroupStatus.first(status.errors(error))
     if failure is not None or renderer is None:
+        return None, failure
+    if status.any(not renderer.runtime.batch_combos):
+        renderer.runtime = dataclasses.replace(renderer.runtime, batch_combos=False)
+    return renderer, None
+
+
+def not_run(item: tuple[Case, CasePlan], error: str) -> CaseRecord:
+    case, plan = item
+    return CaseRecord(case.name, case.source, "not_run", output=plan.output, error=error)
+
+
+def render_share(args: argparse.Namespace, plan: BatchPlan, topology: Topology, groups: Groups, sources: Any, device: torch.device, host_ranks: int = 1) -> Share:
+    """Load once and render this model group's cases with all its ranks."""
+    mine = plan.shares[topology.dp_index]
+    if not mine:
+        return [], None
+    status = GroupStatus(groups.model, topology.model_size)
+    runtime: RuntimeConfig = dataclasses.replace(runtime_from(args), device=str(device), host_ranks=host_ranks)
+    clock = time.perf_counter()
+    renderer, failure = load_member(sources, runtime, topology, groups)
+    if renderer is None:
         return [(i, not_run(plan.todo[i], f"models could not be loaded: {failure}")) for i in mine], None
     seconds = round(time.perf_counter() - clock, 3)
     options = dataclasses.replace(options_from(args, runtime), write_outputs=topology.is_leader)
