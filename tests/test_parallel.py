@@ -121,6 +121,20 @@ def test_assign_cases_by_cost_not_round_robin() -> None:
     assert shares == [[0, 2], [1, 3, 4]]  # 11 vs 11; round-robin would give 12 vs 10
 
 
+def test_a_rank_plans_memory_for_its_share_of_the_forward() -> None:
+    from bernini.parallel.runner import member_workload
+    from bernini.plan import CasePlan, MediaPlan
+
+    src = MediaPlan("s.mp4", "video", 81, 848, 480, (21, 30, 53))
+    v2v = CasePlan("c", "v2v", "v2v_apg", 81, 848, 480, 16.0, (21, 30, 53), "o.mp4", (src,), 2, (66780, 66780), 40)
+    whole = member_workload([v2v], Topology(0, 1, 1, 1), batch_combos=True)
+    assert (whole.tokens, whole.unbatched_tokens) == (133560, 66780)
+    ulysses = member_workload([v2v], Topology(0, 4, 4, 1), batch_combos=True)  # every sequence split 4 ways
+    assert (ulysses.tokens, ulysses.unbatched_tokens) == (33390, 16695)
+    cfg = member_workload([v2v], Topology(0, 4, 2, 2), batch_combos=True)  # one pass per CFG rank, split 2 ways
+    assert (cfg.tokens, cfg.unbatched_tokens) == (33390, 33390) and cfg.pixels == whole.pixels
+
+
 def test_pad_and_unpad() -> None:
     assert [padded_length(n, 4) for n in (1, 4, 5, 45)] == [4, 4, 8, 48]
     x = torch.arange(10.0).reshape(1, 5, 2)

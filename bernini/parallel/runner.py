@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from bernini import memory
 from bernini.cases import Case
 from bernini.cli import build_parser as build_cli_parser
 from bernini.cli import configure_logging, options_from, runtime_from
@@ -92,7 +93,18 @@ def install(renderer: Any, topology: Topology, groups: Groups) -> None:
     renderer.decode_outputs = topology.is_leader
 
 
-def load_member(sources: Any, runtime: RuntimeConfig, topology: Topology, groups: Groups) -> tuple[Any, str | None]:
+def member_workload(plans: Sequence[CasePlan], topology: Topology, batch_combos: bool) -> memory.Workload:
+    """What one rank holds of the largest forward: CFG parallel splits the passes, Ulysses every sequence."""
+    whole = memory.workload_of(plans, batch_combos)
+
+    def shard(tokens: int) -> int:
+        return -(-tokens // topology.ulysses)
+
+    passes = max(-(-whole.tokens // topology.cfg), whole.unbatched_tokens)  # at least one whole pass per rank
+    return dataclasses.replace(whole, tokens=shard(passes), single_tokens=shard(whole.unbatched_tokens))
+
+
+def load_member(sources: Any, runtime: RuntimeConfig, topology: Topology, groups: Groups, workload: memory.Workload | None = None) -> tuple[Any, str | None]:
     """Load and install this rank's renderer; (renderer, None), or (None, the first failure) on every rank of the group.
 
     The group also agrees on batching: a rank whose memory plan runs the guidance passes one at a time makes
@@ -103,7 +115,7 @@ def load_member(sources: Any, runtime: RuntimeConfig, topology: Topology, groups
     status = GroupStatus(groups.model, topology.model_size)
     renderer, error = None, None
     try:
-        renderer = Renderer.load(sources, runtime)
+        renderer = Renderer.load(sources, runtime, workload)
         install(renderer, topology, groups)
     except Exception as exc:  # every rank of the group must hear of it before any collective
         log.error("the models could not be loaded: %s", describe(exc), exc_info=not isinstance(exc, ValueError))
@@ -129,7 +141,8 @@ def render_share(args: argparse.Namespace, plan: BatchPlan, topology: Topology, 
     status = GroupStatus(groups.model, topology.model_size)
     runtime: RuntimeConfig = dataclasses.replace(runtime_from(args), device=str(device), host_ranks=host_ranks)
     clock = time.perf_counter()
-    renderer, failure = load_member(sources, runtime, topology, groups)
+    workload = member_workload([plan.todo[i][1] for i in mine], topology, runtime.batch_combos)
+    renderer, failure = load_member(sources, runtime, topology, groups, workload)
     if renderer is None:
         return [(i, not_run(plan.todo[i], f"models could not be loaded: {failure}")) for i in mine], None
     seconds = round(time.perf_counter() - clock, 3)
