@@ -175,7 +175,7 @@ def host_need(ws: WeightSizes, option: Option) -> float:
 
 def candidates(offload: str, t5_cpu: bool, vae_tiling: bool | None, batch_combos: bool = True) -> list[Option]:
     """Placements in order of speed: fewer copies first; within an offload level VAE tiling, then guidance passes one
-    at a time (about 1% slower; lossless, and what the official renderer does); CPU text encoding last.
+    at a time (slightly slower; lossless, and what the official renderer does); CPU text encoding last.
 
     UMT5 never stays on the GPU (its memory is worth more to experts and activations than one pinned copy per case).
     """
