@@ -5,7 +5,6 @@ bernini.offload.plan turns these into the memory plan."""
 from __future__ import annotations
 
 import json
-import logging
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -15,7 +14,6 @@ from typing import Any
 
 from bernini.plan import CasePlan
 
-log = logging.getLogger(__name__)
 
 GB = 1e9  # decimal, as model cards quote sizes (28.6 GB per bf16 A14B expert)
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}

@@ -233,13 +233,12 @@ class Renderer:
         pinned copy takes per case, and leaving is free (the module points back at its host copy).
         """
         model = self.text_encoder.model
-        self.text_visit = None
-        if self.device.type != "cuda":
-            model.to(self.device)
-            return
         where = self.memory_plan.text_encoder if self.memory_plan is not None else ("cpu" if self.runtime.t5_cpu else "visit")
-        model.to("cpu")
-        if where == "visit":
+        if self.device.type != "cuda" or where == "cpu":
+            model.to("cpu" if where == "cpu" else self.device)
+            self.text_visit = None
+        elif self.text_visit is None:  # packed and pinned once; a later placement keeps the copy
+            model.to("cpu")
             self.text_visit = offload.HostModule(model, pin=True)
 
     @property

@@ -137,18 +137,18 @@ class ExpertStore:
     def _fetch(self, copy: HostCopy) -> None:
         if copy.on_device:
             return
-        target = torch.empty(copy.nbytes, dtype=torch.uint8, device=self.device)  # on the compute stream's pool
-        if self.stream is None:
-            target.copy_(copy.buffer)
-        else:
-            # The allocator may hand out memory that queued compute still reads: copy only after it.
-            self.stream.wait_stream(self._compute_stream())
-            with torch.cuda.stream(self.stream):
-                target.copy_(copy.buffer, non_blocking=True)
-            copy.ready = torch.cuda.Event()
-            copy.ready.record(self.stream)
-        copy.point_at(target)
         self.copied_bytes += copy.nbytes
+        if self.stream is None:
+            copy.copy_to(self.device)
+            return
+        target = torch.empty(copy.nbytes, dtype=torch.uint8, device=self.device)  # on the compute stream's pool
+        # The allocator may hand out memory that queued compute still reads: copy only after it.
+        self.stream.wait_stream(self._compute_stream())
+        with torch.cuda.stream(self.stream):
+            target.copy_(copy.buffer, non_blocking=True)
+        copy.ready = torch.cuda.Event()
+        copy.ready.record(self.stream)
+        copy.point_at(target)
 
     def _wait(self, copy: HostCopy) -> None:
         if copy.ready is not None:
