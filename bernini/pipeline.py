@@ -198,6 +198,7 @@ class Renderer:
         self.text_visit: offload.HostModule | None = None  # UMT5's pinned host copy when it visits the GPU to encode
         self.combos: LocalCombos | None = None  # bernini.parallel installs CFG-parallel placement
         self.decode_outputs = True  # False on ranks that help a group but do not write
+        self.fp8_gemm: str | None = None  # the --fp8_gemm backend the experts were converted for (None: exact GEMMs)
 
     @classmethod
     def from_pretrained(
@@ -238,6 +239,7 @@ class Renderer:
 
         scheduler_config = dict(UniPCMultistepScheduler.load_config(sources.base / "scheduler"))
         renderer = cls(sources, text_encoder, vae, experts, scheduler_config, runtime, device, store, plan)
+        renderer.fp8_gemm = gemm
         renderer.place_text_encoder()
         renderer.load_seconds = time.perf_counter() - start
         log.info("models loaded in %.1f s (experts: %s, device %s, %s, %s weights, offload %s)", renderer.load_seconds, ", ".join(experts), device, dtype, plan.weights, plan.offload)
@@ -336,6 +338,7 @@ class Renderer:
             "guidance_per_expert": result.scales,
             "expert_steps": result.expert_steps,
             "attention_backend": attention.current_backend(),
+            "fp8_gemm": self.fp8_gemm,
             "fp8_attention": attention.current_fp8_backend(),
             "dtype": self.runtime.dtype,
             "device": str(self.device),

@@ -11,6 +11,7 @@ broken kernel or layout, not a measurement of quality on the real weights (bench
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -216,6 +217,12 @@ def test_fast_on_a_card_without_fp8_renders_the_exact_result(config: str, case: 
     exact = render(config, case)
     fast = render(config, case, fp8_gemm="auto", fp8_attention="auto")
     assert torch.equal(fast, exact)
+
+
+def test_render_info_says_what_ran(config: str, case: Case) -> None:
+    renderer = Renderer.from_pretrained(config, runtime=RuntimeConfig(device="cpu", dtype="float32", attention="sdpa", fp8_gemm="auto", fp8_attention="auto"))
+    info = renderer.render(case, dataclasses.replace(SMALL, num_inference_steps=1)).info
+    assert info["fp8_gemm"] is None and info["fp8_attention"] is None and info["attention_backend"] == "sdpa"  # asked auto, ran exact
 
 
 def test_named_option_that_cannot_run_fails_before_loading(config: str) -> None:

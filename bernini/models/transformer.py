@@ -278,14 +278,17 @@ def fuse_projections(model: WanTransformer) -> None:
         block.attn1.fuse_qkv()
 
 
-def compile_blocks(model: WanTransformer) -> None:
-    """Regional torch.compile: every block shares one compiled graph per sequence length."""
+def compile_blocks(model: WanTransformer, mode: str | None = None) -> None:
+    """Regional torch.compile: every block shares one compiled graph per sequence length.
+
+    ``mode``: torch.compile's (benchmarks try "max-autotune-no-cudagraphs": Triton GEMM templates with epilogues).
+    """
     import torch._dynamo
 
     # One graph per (length, batch) bucket; a batch of cases of many sizes must not fall back to eager.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for block in model.blocks:
-        block.compile(dynamic=False)
+        block.compile(dynamic=False, mode=mode)
 
 
 def patchify(latent: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
