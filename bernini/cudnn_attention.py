@@ -43,7 +43,11 @@ class Plan:
     def __init__(self, b: int, h: int, lq: int, lk: int, d: int, device: torch.device, bf16_out: bool):
         lib = cudnn()
         self.bf16_out = bf16_out
-        self.graph = lib.pygraph(io_data_type=lib.data_type.FP8_E4M3, intermediate_data_type=lib.data_type.FLOAT, compute_data_type=lib.data_type.FLOAT)
+        with torch.cuda.device(device):
+            self.handle = lib.create_handle()  # bound to the current device: the graph is built and run on it
+        self.graph = lib.pygraph(
+            io_data_type=lib.data_type.FP8_E4M3, intermediate_data_type=lib.data_type.FLOAT, compute_data_type=lib.data_type.FLOAT, handle=self.handle
+        )
         g = self.graph
         tensors = {}
         for uid, length in ((Uid.Q, lq), (Uid.K, lk), (Uid.V, lk)):
@@ -66,7 +70,6 @@ class Plan:
         g.check_support()
         g.build_plans()
         self.workspace_size = g.get_workspace_size()
-        self.handle = lib.create_handle()
 
 
 _plans: dict[tuple, Plan] = {}
