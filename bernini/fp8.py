@@ -148,9 +148,9 @@ def gemm_unusable(backend: str, device: torch.device) -> str | None:
         raise ValueError(f"unknown --fp8_gemm {backend!r}; choose one of: off, auto, {', '.join(GEMM_BACKENDS)}")
     if device.type != "cuda":
         return "needs a CUDA device"
-    if torch.cuda.get_device_capability(device) < (8, 9):
-        major, minor = torch.cuda.get_device_capability(device)
-        return f"needs FP8 tensor cores (compute capability >= 8.9; this card is {major}.{minor})"
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (8, 9):
+        return f"needs FP8 tensor cores (compute capability >= 8.9; this card is {cap[0]}.{cap[1]})"
     if not scaled_mm_supported(device):
         return "torch._scaled_mm with row-wise scales is unavailable in this torch build"
     if backend == "torchao":
