@@ -1,4 +1,8 @@
-"""The one attention entry point: attention(q, k, v) on [B, L, H, D], backend chosen once."""
+"""The one attention entry point: attention(q, k, v) on [B, L, H, D], backends chosen once.
+
+Two choices, both made at start-up and logged: the exact backend (--attention) and, opt-in and lossy,
+an 8-bit backend for self-attention (--fp8_attention). Cross-attention to the text always stays exact.
+"""
 
 from __future__ import annotations
 
@@ -40,6 +44,19 @@ def _fa2() -> AttentionFn:
     return lambda q, k, v: fn(q, k, v)
 
 
+def _cudnn_fp8() -> AttentionFn:
+    from bernini import cudnn_attention
+
+    cudnn_attention.cudnn()  # ImportError here when nvidia-cudnn-frontend is missing
+    return cudnn_attention.fp8_attention
+
+
+def _sage() -> AttentionFn:
+    fn = importlib.import_module("sageattention").sageattn
+    # K is smoothed here, not by sageattn (which subtracts K's mean in place); softmax is invariant to the shift.
+    return lambda q, k, v: fn(q, k - k.mean(dim=1, keepdim=True), v, tensor_layout="NHD", is_causal=False, smooth_k=False)
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str
@@ -61,7 +78,30 @@ BACKENDS: dict[str, Backend] = {
 }
 
 
-def _why_unusable(backend: Backend, device: torch.device) -> str | None:
+# Lossy, opt-in (--fp8_attention), self-attention only. Order = preference for "auto".
+# cudnn_fp8: e4m3 Q/K/V/P, float32 softmax and accumulation. sage: SageAttention 1 (Triton): int8 Q/K per block,
+# fp16 P and V with fp16 sums inside each 64-key block, float32 across blocks.
+FP8_BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("cudnn_fp8", _cudnn_fp8, needs_cuda=True, min_capability=(9, 0)),
+        Backend("sage", _sage, needs_cuda=True, min_capability=(8, 0)),
+    )
+}
+PROBE_MAX_ERROR = 0.2  # relative L2 against float32 SDPA on a small random input: a sanity bound, not a quality claim
+
+
+def _probe(fn: AttentionFn, device: torch.device) -> None:
+    """Run a lossy kernel once at an odd length (as the real ones are); raise if it fails or disagrees with SDPA."""
+    g = torch.Generator(device).manual_seed(0)
+    q, k, v = (torch.randn(1, 333, 2, 128, generator=g, device=device).to(torch.bfloat16) for _ in range(3))
+    exact = _sdpa(q.float(), k.float(), v.float())
+    error = float((fn(q, k, v).float() - exact).norm() / exact.norm())
+    if not error < PROBE_MAX_ERROR:
+        raise RuntimeError(f"disagrees with SDPA by {error:.3g} (relative L2) on a test input")
+
+
+def _why_unusable(backend: Backend, device: torch.device, probe: bool = False) -> str | None:
     if backend.needs_cuda and device.type != "cuda":
         return "needs a CUDA device"
     if device.type == "cuda":
@@ -69,9 +109,14 @@ def _why_unusable(backend: Backend, device: torch.device) -> str | None:
         if not backend.min_capability <= cap <= backend.max_capability:
             return f"not used on compute capability {cap[0]}.{cap[1]}"
     try:
-        backend.load()
+        fn = backend.load()
     except Exception as exc:  # ImportError, or a broken build
         return f"not installed ({type(exc).__name__}: {exc})"
+    if probe:
+        try:
+            _probe(fn, device)
+        except Exception as exc:  # an unsupported shape or card, a build for another toolkit
+            return f"fails its check ({type(exc).__name__}: {exc})"
     return None
 
 
@@ -81,7 +126,13 @@ def available_backends(device: torch.device | str) -> dict[str, str | None]:
     return {name: _why_unusable(b, device) for name, b in BACKENDS.items()}
 
 
-_state: dict[str, object] = {"name": "sdpa", "fn": _sdpa}
+def available_fp8_backends(device: torch.device | str) -> dict[str, str | None]:
+    """Each --fp8_attention backend -> None when usable on `device` (it ran a check), else why not."""
+    device = torch.device(device)
+    return {name: _why_unusable(b, device, probe=True) for name, b in FP8_BACKENDS.items()}
+
+
+_state: dict[str, object] = {"name": "sdpa", "fn": _sdpa, "fp8_name": None, "fp8_fn": None}
 
 
 def select_backend(name: str, device: torch.device | str) -> str:
@@ -113,6 +164,36 @@ def current_backend() -> str:
     return str(_state["name"])
 
 
+def select_fp8_attention(name: str, device: torch.device | str) -> str | None:
+    """Choose --fp8_attention once: None = exact. 'auto' falls back to exact with a warning; a named backend must work."""
+    device = torch.device(device)
+    chosen: str | None
+    if name == "off":
+        chosen = None
+    elif name == "auto":
+        reasons = available_fp8_backends(device)
+        chosen = next((n for n, why in reasons.items() if why is None), None)
+        if chosen is None:
+            log.warning("--fp8_attention auto: no 8-bit attention here (%s); self-attention stays exact", reasons)
+        else:
+            log.info("FP8 self-attention: %s (auto; skipped: %s)", chosen, {n: w for n, w in reasons.items() if w and n != chosen} or "none")
+    elif name not in FP8_BACKENDS:
+        raise ValueError(f"unknown --fp8_attention {name!r}; choose one of: off, auto, {', '.join(FP8_BACKENDS)}")
+    else:
+        why = _why_unusable(FP8_BACKENDS[name], device, probe=True)
+        if why is not None:
+            raise ValueError(f"--fp8_attention {name}: {why}; use --fp8_attention auto (falls back to exact attention) or leave it off")
+        chosen = name
+        log.info("FP8 self-attention: %s (forced)", chosen)
+    _state["fp8_name"] = chosen
+    _state["fp8_fn"] = None if chosen is None else FP8_BACKENDS[chosen].load()
+    return chosen
+
+
+def current_fp8_backend() -> str | None:
+    return _state["fp8_name"]  # type: ignore[return-value]
+
+
 @torch.library.custom_op("bernini::flash_attention", mutates_args=())
 def _kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     # An opaque op: torch.compile keeps the block in one graph around a kernel it cannot trace.
@@ -124,8 +205,23 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Full bidirectional attention. q: [B, Lq, H, D], k/v: [B, Lk, H, D] -> [B, Lq, H, D]."""
+@torch.library.custom_op("bernini::fp8_attention", mutates_args=())
+def _fp8_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return _state["fp8_fn"](q, k, v).contiguous()  # type: ignore[operator]
+
+
+@_fp8_kernel.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allow_fp8: bool = True) -> torch.Tensor:
+    """Full bidirectional attention. q: [B, Lq, H, D], k/v: [B, Lk, H, D] -> [B, Lq, H, D].
+
+    ``allow_fp8``: whether the --fp8_attention backend (when one is chosen) may serve this call.
+    """
+    if allow_fp8 and _state["fp8_name"] is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        return _fp8_kernel(q, k, v)
     if _state["name"] == "sdpa" or q.device.type != "cuda" or q.dtype == torch.float32:
         return _sdpa(q, k, v)  # the flash kernels take CUDA half types only; the rest goes to SDPA
     return _kernel(q, k, v)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bernini.cases import BatchSpec, Case, CaseError, collect_cases
-from bernini.config import DEFAULT_CONFIG_DIR, GenerationSettings, RuntimeConfig
+from bernini.config import DEFAULT_CONFIG_DIR, FAST_PRESET, FP8_ATTENTION_CHOICES, FP8_GEMM_CHOICES, GenerationSettings, RuntimeConfig
 from bernini.guidance import GUIDANCE_MODES, PLANNER_ONLY_MODES
 from bernini.plan import CasePlan
 from bernini.runner import BatchOptions, CaseRecord, LogProgress
@@ -84,6 +84,10 @@ def build_parser(prog: str, multi_gpu: bool = False) -> argparse.ArgumentParser:
     r.add_argument("--weights", default="bf16", choices=("bf16", "fp8"), help="fp8: block Linear weights as float8_e4m3fn + per-channel scales (lossy, about half the memory)")
     r.add_argument("--max_gpu_memory", type=float, metavar="GiB", help="plan for (and cap the allocator at) this much GPU memory")
     r.add_argument("--vae_tiling", action=argparse.BooleanOptionalAction, default=None, help="tiled VAE encode/decode (default: when memory is short)")
+    f = p.add_argument_group("fast mode (bernini; lossy, each option off unless named)")
+    f.add_argument("--fast", action="store_true", help="the preset of the fast options that measured best: --fp8_gemm auto --fp8_attention auto (named flags override it)")
+    f.add_argument("--fp8_gemm", nargs="?", const="auto", choices=FP8_GEMM_CHOICES, help="block Linear layers in FP8 (per-token activation and per-channel weight scales); alone: auto")
+    f.add_argument("--fp8_attention", nargs="?", const="auto", choices=FP8_ATTENTION_CHOICES, help="8-bit self-attention (cuDNN FP8 SDPA or SageAttention); alone: auto")
 
     b = p.add_argument_group("batch (bernini)")
     b.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true", help="validate and print the plan; load no model")
@@ -129,6 +133,7 @@ def settings_from(args: argparse.Namespace) -> GenerationSettings:
 
 
 def runtime_from(args: argparse.Namespace) -> RuntimeConfig:
+    preset = FAST_PRESET if args.fast else {}
     return RuntimeConfig(
         device=args.device,
         dtype=args.dtype,
@@ -140,6 +145,8 @@ def runtime_from(args: argparse.Namespace) -> RuntimeConfig:
         weights=args.weights,
         max_gpu_memory=args.max_gpu_memory,
         vae_tiling=args.vae_tiling,
+        fp8_gemm=args.fp8_gemm or preset.get("fp8_gemm", "off"),
+        fp8_attention=args.fp8_attention or preset.get("fp8_attention", "off"),
     )
 
 

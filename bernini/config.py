@@ -111,4 +111,26 @@ class RuntimeConfig:
     max_gpu_memory: float | None = None  # GiB the memory plan may use (None: what is free)
     vae_tiling: bool | None = None  # None: the memory plan decides
     host_ranks: int = 1  # processes sharing this host's RAM (torchrun's local ranks): each plans with its share
+    fp8_gemm: str = "off"  # off | auto | scaled_mm | torchao: block Linears computed in FP8 (lossy, opt-in)
+    fp8_attention: str = "off"  # off | auto | cudnn_fp8 | sage: 8-bit self-attention (lossy, opt-in)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for flag, value, choices in (("--fp8_gemm", self.fp8_gemm, FP8_GEMM_CHOICES), ("--fp8_attention", self.fp8_attention, FP8_ATTENTION_CHOICES)):
+            if value not in choices:
+                raise ValueError(f"invalid {flag} {value!r}; choose one of: {', '.join(choices)}")
+        if self.fp8_gemm == "torchao" and self.weights == "fp8":
+            raise ValueError("--fp8_gemm torchao quantizes bf16 weights, but --weights fp8 already stores them in FP8 "
+                             "(and computes them with torch._scaled_mm where it can): drop one of the two flags")
+
+    @property
+    def lossy(self) -> bool:
+        """Whether any opt-in reduced-precision option is on (the exact path is the default)."""
+        return self.weights != "bf16" or self.fp8_gemm != "off" or self.fp8_attention != "off"
+
+
+FP8_GEMM_CHOICES = ("off", "auto", "scaled_mm", "torchao")
+FP8_ATTENTION_CHOICES = ("off", "auto", "cudnn_fp8", "sage")
+# What --fast turns on: each option in its 'auto' form, which falls back to the exact path where the card or the
+# installed packages lack it. Named flags override the preset; docs/performance.md has what each option measured.
+FAST_PRESET: dict[str, str] = {"fp8_gemm": "auto", "fp8_attention": "auto"}

@@ -1,9 +1,16 @@
-"""FP8 weight storage for the transformer blocks' Linear layers (opt-in, lossy): e4m3 weights, per-channel scales."""
+"""FP8 for the transformer blocks' Linear layers (opt-in, lossy): e4m3 weight storage, and FP8 GEMMs for speed.
+
+Two ways to compute a block Linear in FP8 (``--fp8_gemm``), both with dynamic per-row (per-token) activation
+scales and per-output-channel weight scales: our FP8Linear over ``torch._scaled_mm`` ("scaled_mm"), and
+torchao's float8 inference path ("torchao", ``Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())``).
+"""
 
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -105,3 +112,89 @@ def linear_weight_bytes(module: nn.Module) -> int:
         elif isinstance(child, FP8Linear):
             total += child.weight.numel() * child.weight.element_size() + child.weight_scale.numel() * 4
     return total
+
+
+# --------------------------------------------------------------------------- FP8 GEMMs (--fp8_gemm)
+
+GEMM_BACKENDS = ("scaled_mm", "torchao")  # "auto" picks the first usable: ours works with every offload plan
+
+
+@dataclass(frozen=True)
+class GemmPolicy:
+    """Which block Linears compute in FP8; the others keep the model's dtype.
+
+    ``keep_blocks``: block indices kept whole (negative counts from the end); ``keep_layers``: dotted names
+    inside a block. The text K/V projections run once per case (no time to win), so they always stay.
+    """
+
+    keep_blocks: tuple[int, ...] = (0, -1)  # the first and last block: where the input enters and the prediction leaves
+    keep_layers: tuple[str, ...] = ("attn2.to_k", "attn2.to_v")
+
+    def selects(self, index: int, count: int, name: str) -> bool:
+        kept = {i % count for i in self.keep_blocks}
+        return index not in kept and name not in self.keep_layers
+
+
+DEFAULT_POLICY = GemmPolicy()
+
+
+def _torchao() -> object:
+    return importlib.import_module("torchao.quantization")
+
+
+def gemm_unusable(backend: str, device: torch.device) -> str | None:
+    """None when ``backend`` can compute FP8 GEMMs on ``device``, else why not."""
+    if backend not in GEMM_BACKENDS:
+        raise ValueError(f"unknown --fp8_gemm {backend!r}; choose one of: off, auto, {', '.join(GEMM_BACKENDS)}")
+    if device.type != "cuda":
+        return "needs a CUDA device"
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (8, 9):
+        return f"needs FP8 tensor cores (compute capability >= 8.9; this card is {cap[0]}.{cap[1]})"
+    if not scaled_mm_supported(device):
+        return "torch._scaled_mm with row-wise scales is unavailable in this torch build"
+    if backend == "torchao":
+        try:
+            _torchao()
+        except Exception as exc:  # ImportError, or a build for another torch
+            return f"torchao is not installed ({type(exc).__name__}: {exc}); pip install torchao"
+    return None
+
+
+def select_gemm(name: str, device: torch.device | str) -> str | None:
+    """Resolve --fp8_gemm once: None = exact GEMMs. 'auto' falls back to them with a warning; a named backend must work."""
+    device = torch.device(device)
+    if name == "off":
+        return None
+    if name == "auto":
+        reasons = {b: gemm_unusable(b, device) for b in GEMM_BACKENDS}
+        chosen = next((b for b, why in reasons.items() if why is None), None)
+        if chosen is None:
+            log.warning("--fp8_gemm auto: no FP8 GEMM here (%s); the Linear layers stay exact", reasons["scaled_mm"])
+        else:
+            log.info("FP8 GEMMs: %s (auto)", chosen)
+        return chosen
+    why = gemm_unusable(name, device)
+    if why is not None:
+        raise ValueError(f"--fp8_gemm {name}: {why}; use --fp8_gemm auto (falls back to exact GEMMs) or leave it off")
+    log.info("FP8 GEMMs: %s (forced)", name)
+    return name
+
+
+def convert_gemms(block: nn.Module, backend: str, index: int, count: int, policy: GemmPolicy = DEFAULT_POLICY) -> int:
+    """Make the Linears of block ``index`` (of ``count``) that ``policy`` selects compute in FP8; returns how many."""
+    names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear) and policy.selects(index, count, n)]
+    if not names:
+        return 0
+    if backend == "torchao":
+        ao = _torchao()
+        # set_inductor_config=False: torchao would otherwise retune inductor globally (and compile every row slower).
+        config = ao.Float8DynamicActivationFloat8WeightConfig(granularity=ao.PerRow(), set_inductor_config=False)
+        selected = set(names)
+        ao.quantize_(block, config, filter_fn=lambda module, fqn: isinstance(module, nn.Linear) and fqn in selected)
+        return len(names)
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = block.get_submodule(parent_name) if parent_name else block
+        setattr(parent, attr, FP8Linear.from_linear(block.get_submodule(name), use_scaled_mm=True))
+    return len(names)

@@ -98,8 +98,13 @@ def expert_weight_sources(sources: ModelSources, name: str) -> list[dict[str, tu
     return found
 
 
-def load_expert(sources: ModelSources, name: str, *, device: torch.device, dtype: torch.dtype, plan: MemoryPlan | None = None) -> WanTransformer:
-    """One expert; with fp8 weights or an offload plan it loads block by block, converting or packing each block as it lands."""
+def load_expert(
+    sources: ModelSources, name: str, *, device: torch.device, dtype: torch.dtype, plan: MemoryPlan | None = None, fp8_gemm: str | None = None
+) -> WanTransformer:
+    """One expert, each block finished as it lands (fused projections, FP8 conversions, a packed host copy).
+
+    With fp8 weights or an offload plan it loads block by block; ``fp8_gemm``: the backend chosen by fp8.select_gemm.
+    """
     folder = sources.base / EXPERT_FOLDERS[name]
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
@@ -108,22 +113,29 @@ def load_expert(sources: ModelSources, name: str, *, device: torch.device, dtype
     with torch.device("meta"):
         model = WanTransformer(cfg)
     keys = expert_weight_sources(sources, name)
+    each_block = block_finisher(model, plan, device, fp8_gemm)
     if plan is None or (plan.offload == "none" and plan.weights == "bf16"):
         weights.load_weights(model, keys, device=device, dtype=dtype, keep_fp32=WanTransformer.keep_fp32)
+        for block in model.blocks:
+            each_block(block)
     else:
-        each_block = block_finisher(plan, device)
         offload.load_blockwise(model, keys, device=device, dtype=dtype, keep_fp32=WanTransformer.keep_fp32, each_block=each_block)
     return model.eval().requires_grad_(False)
 
 
-def block_finisher(plan: MemoryPlan, device: torch.device) -> Callable[[nn.Module], None]:
-    """What happens to a block right after it loads: FP8 conversion, then packing into (pinned) host memory."""
-    use_scaled_mm = plan.weights == "fp8" and fp8.scaled_mm_supported(device)
+def block_finisher(model: WanTransformer, plan: MemoryPlan | None, device: torch.device, fp8_gemm: str | None = None) -> Callable[[nn.Module], None]:
+    """What happens to a block right after it loads: QKV fusion, FP8 conversions, then packing into (pinned) host memory."""
+    weights_format = plan.weights if plan is not None else "bf16"
+    use_scaled_mm = weights_format == "fp8" and fp8.scaled_mm_supported(device)
+    blocks = list(model.blocks)  # load_blockwise swaps model.blocks out while the rest loads
 
     def finish(block: nn.Module) -> None:
-        if plan.weights == "fp8":
+        block.attn1.fuse_qkv()
+        if fp8_gemm is not None:
+            fp8.convert_gemms(block, fp8_gemm, next(i for i, b in enumerate(blocks) if b is block), len(blocks))
+        if weights_format == "fp8":
             fp8.quantize_linears(block, use_scaled_mm)
-        if plan.offload != "none":
+        if plan is not None and plan.offload != "none":
             offload.host_copy(block, pin=device.type == "cuda")
 
     return finish
@@ -186,6 +198,7 @@ class Renderer:
         self.text_visit: offload.HostModule | None = None  # UMT5's pinned host copy when it visits the GPU to encode
         self.combos: LocalCombos | None = None  # bernini.parallel installs CFG-parallel placement
         self.decode_outputs = True  # False on ranks that help a group but do not write
+        self.fp8_gemm: str | None = None  # the --fp8_gemm backend the experts were converted for (None: exact GEMMs)
 
     @classmethod
     def from_pretrained(
@@ -206,21 +219,27 @@ class Renderer:
         device = resolve_device(runtime.device)
         dtype = torch_dtype(runtime.dtype)
         attention.select_backend(runtime.attention, device)
+        attention.select_fp8_attention(runtime.fp8_attention, device)
+        gemm = fp8.select_gemm(runtime.fp8_gemm, device)
         experts_named = sources.renderer.experts
         plan = offload.plan_for_run(sources.base, len(experts_named), runtime, device, workload, sources.renderer.max_sequence_length)
         log_plan(plan)
+        if gemm == "torchao" and plan.offload != "none":
+            raise ValueError(f"--fp8_gemm torchao needs the experts resident, but the memory plan is --offload {plan.offload}; "
+                             "use --fp8_gemm scaled_mm (it works with every offload plan) or free GPU memory")
         runtime = dataclasses.replace(runtime, batch_combos=plan.batch_combos)  # unbatched when only that fits
         cap_gpu_memory(runtime.max_gpu_memory, device)
         text_encoder = TextEncoder.load(sources.base, dtype=dtype, device="cpu", max_length=sources.renderer.max_sequence_length)
         vae = VAE.load(sources.base, device=device)
         if plan.vae_tiling:
             vae.model.enable_tiling()
-        experts = {name: prepare_expert(load_expert(sources, name, device=device, dtype=dtype, plan=plan), runtime) for name in experts_named}
+        experts = {name: prepare_expert(load_expert(sources, name, device=device, dtype=dtype, plan=plan, fp8_gemm=gemm), runtime) for name in experts_named}
         store = ExpertStore(experts, plan.offload, device, plan.prefetch_bytes)
         from diffusers import UniPCMultistepScheduler
 
         scheduler_config = dict(UniPCMultistepScheduler.load_config(sources.base / "scheduler"))
         renderer = cls(sources, text_encoder, vae, experts, scheduler_config, runtime, device, store, plan)
+        renderer.fp8_gemm = gemm
         renderer.place_text_encoder()
         renderer.load_seconds = time.perf_counter() - start
         log.info("models loaded in %.1f s (experts: %s, device %s, %s, %s weights, offload %s)", renderer.load_seconds, ", ".join(experts), device, dtype, plan.weights, plan.offload)
@@ -319,6 +338,8 @@ class Renderer:
             "guidance_per_expert": result.scales,
             "expert_steps": result.expert_steps,
             "attention_backend": attention.current_backend(),
+            "fp8_gemm": self.fp8_gemm,
+            "fp8_attention": attention.current_fp8_backend(),
             "dtype": self.runtime.dtype,
             "device": str(self.device),
         }

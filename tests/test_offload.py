@@ -73,7 +73,7 @@ def test_expert_plan_keeps_one_expert_on_the_device(config: str, case: Case) -> 
     store = renderer.store
     assert store.active == "low"
     assert all(c.on_device for c in store._copies("low")) and not any(c.on_device for c in store._copies("high"))
-    weight = renderer.experts["high"].blocks[0].attn1.to_q.weight
+    weight = renderer.experts["high"].blocks[0].attn1.to_qkv.weight
     assert inside(weight, store.blocks["high"][0].buffer)  # released: the module points at its host copy again
     renderer.store.bring_in("high")
     assert store.active == "high" and not any(c.on_device for c in store._copies("low"))
@@ -105,7 +105,7 @@ def test_block_plan_runs_each_block_from_its_fetched_copy(config: str, case: Cas
     def check(name: str, index: int) -> Callable[[torch.nn.Module, object], None]:
         def hook(module: torch.nn.Module, args: object) -> None:
             copy = store.blocks[name][index]
-            fetched = inside(module.attn1.to_q.weight, copy.device_buffer) and not inside(module.attn1.to_q.weight, copy.buffer)
+            fetched = inside(module.attn1.to_qkv.weight, copy.device_buffer) and not inside(module.attn1.to_qkv.weight, copy.buffer)
             seen.append((fetched, sum(c.on_device for c in store.blocks[name])))
 
         return hook

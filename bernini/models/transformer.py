@@ -124,6 +124,7 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
+        self.register_module("to_qkv", None)  # self-attention's fused projection, built by fuse_qkv after loading
 
     def heads_of(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(2, (self.heads, -1))
@@ -131,9 +132,29 @@ class Attention(nn.Module):
     def key_value(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.heads_of(self.norm_k(self.to_k(context))), self.heads_of(self.to_v(context))
 
+    def fuse_qkv(self, keep_separate: bool = False) -> None:
+        """One [3*dim, dim] projection instead of three: the same products, one GEMM that reads x once.
+
+        Built after the weights load, so checkpoints keep their to_q/to_k/to_v keys; the separate layers are
+        dropped (their memory freed) unless ``keep_separate`` (benchmarks time both forms on one model).
+        """
+        if self.to_qkv is not None:
+            return
+        parts = (self.to_q, self.to_k, self.to_v)
+        fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), device="meta")
+        fused.weight = nn.Parameter(torch.cat([p.weight.detach() for p in parts]), requires_grad=False)
+        fused.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)
+        self.to_qkv = fused
+        if not keep_separate:
+            del self.to_q, self.to_k, self.to_v
+
     def self_attend(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], sequence: LocalSequence) -> torch.Tensor:
-        q = self.heads_of(self.norm_q(self.to_q(x)))
-        k, v = self.key_value(x)
+        if self.to_qkv is not None:
+            q, k, v = self.to_qkv(x).chunk(3, dim=-1)  # views: the norms and RoPE read them in place
+            q, k, v = self.heads_of(self.norm_q(q)), self.heads_of(self.norm_k(k)), self.heads_of(v)
+        else:
+            q = self.heads_of(self.norm_q(self.to_q(x)))
+            k, v = self.key_value(x)
         out = sequence.attend(q, k, v, *rope).flatten(2).type_as(q)
         return self.to_out[0](out)
 
@@ -142,15 +163,16 @@ class Attention(nn.Module):
         k, v = kv
         if k.shape[0] != q.shape[0]:
             k, v = k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)
-        out = attention(q, k, v).flatten(2).type_as(q)
+        out = attention(q, k, v, allow_fp8=False).flatten(2).type_as(q)  # text attention: 0.6% of the time, kept exact
         return self.to_out[0](out)
 
 
 def linear_gelu(x: torch.Tensor, linear: nn.Module, fuse: bool = True) -> torch.Tensor:
     """gelu_tanh(linear(x)). On CUDA the GELU runs in the GEMM's cuBLASLt epilogue (tanh form, on the float32
     accumulator): the FFN's widest tensor is written once instead of written, read and written again."""
-    fusable = fuse and x.is_cuda and type(linear) is nn.Linear and linear.bias is not None and x.dtype in (torch.bfloat16, torch.float16)
-    if fusable and linear.weight.dtype == x.dtype:
+    # Plain bf16/fp16 weights only: FP8 layers (ours, or torchao's weight subclass) take their own GEMM.
+    plain = type(linear) is nn.Linear and type(linear.weight) is nn.Parameter and linear.bias is not None
+    if fuse and plain and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and linear.weight.dtype == x.dtype:
         out = torch._addmm_activation(linear.bias, x.reshape(-1, x.shape[-1]), linear.weight.t(), use_gelu=True)
         return out.view(*x.shape[:-1], out.shape[-1])
     return F.gelu(linear(x), approximate="tanh")
@@ -250,14 +272,23 @@ class WanTransformer(nn.Module):
         return self.sequence.gather(self.proj_out(x))
 
 
-def compile_blocks(model: WanTransformer) -> None:
-    """Regional torch.compile: every block shares one compiled graph per sequence length."""
+def fuse_projections(model: WanTransformer) -> None:
+    """The lossless fusions that need loaded weights (today: self-attention's QKV projection), every block."""
+    for block in model.blocks:
+        block.attn1.fuse_qkv()
+
+
+def compile_blocks(model: WanTransformer, mode: str | None = None) -> None:
+    """Regional torch.compile: every block shares one compiled graph per sequence length.
+
+    ``mode``: torch.compile's (benchmarks try "max-autotune-no-cudagraphs": Triton GEMM templates with epilogues).
+    """
     import torch._dynamo
 
     # One graph per (length, batch) bucket; a batch of cases of many sizes must not fall back to eager.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for block in model.blocks:
-        block.compile(dynamic=False)
+        block.compile(dynamic=False, mode=mode)
 
 
 def patchify(latent: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
