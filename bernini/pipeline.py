@@ -220,10 +220,10 @@ class Renderer:
         dtype = torch_dtype(runtime.dtype)
         attention.select_backend(runtime.attention, device)
         attention.select_fp8_attention(runtime.fp8_attention, device)
-        gemm = fp8.select_gemm(runtime.fp8_gemm, device)
         experts_named = sources.renderer.experts
         plan = offload.plan_for_run(sources.base, len(experts_named), runtime, device, workload, sources.renderer.max_sequence_length)
         log_plan(plan)
+        gemm = fp8.select_gemm(runtime.fp8_gemm, device, resident=plan.offload == "none")
         if gemm == "torchao" and plan.offload != "none":
             raise ValueError(f"--fp8_gemm torchao needs the experts resident, but the memory plan is --offload {plan.offload}; "
                              "use --fp8_gemm scaled_mm (it works with every offload plan) or free GPU memory")
