@@ -63,7 +63,7 @@ from bernini.weights.locate import (
     resolve_model_dir,
     try_snapshot,
 )
-from bernini.weights.preflight import check_expert, expected_tensors, expert_key_sources, preflight, read_config
+from bernini.weights.check import check_expert, expected_tensors, expert_key_sources, preflight, read_config
 
 __all__ = [
     "PICKLE_ADVICE", "CheckpointError", "check_expert", "expected_tensors", "expert_key_sources", "looks_like_pickled", "preflight", "read_config",
