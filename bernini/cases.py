@@ -359,24 +359,10 @@ def assign_outputs(cases: list[Case], spec: BatchSpec, errors: list[tuple[str, s
     return _refuse_unsafe(_drop_collisions(resolved, errors), spec, errors)
 
 
-def protected_files(cases: Sequence[Case]) -> dict[Path, str]:
-    """Every case file and media file of the batch, with what it is, for the messages."""
-    files: dict[Path, str] = {}
-    for case in cases:
-        if Path(case.source).is_file():
-            files.setdefault(Path(case.source), f"the case file {case.source}")
-        keyed = [("video", p) for p in case.videos] + ([("image", case.image)] if case.image else []) + [("images", p) for p in case.images]
-        for key, path in keyed:
-            files.setdefault(path, f"the input {path} ('{key}' of {case.source})")
-    return files
-
-
 def _refuse_unsafe(cases: list[Case], spec: BatchSpec, errors: list[tuple[str, str]]) -> list[Case]:
     """No output may replace an input of the batch, a foreign file (without --overwrite), or leave a confined folder."""
-    files = protected_files(cases)
-    if spec.inputs:
-        files.setdefault(Path(spec.inputs), f"the --inputs file {spec.inputs}")
-    protected = outputs.Protected(files)
+    extra = {Path(spec.inputs): f"the --inputs file {spec.inputs}"} if spec.inputs else {}
+    protected = outputs.Protected({**outputs.protected_files(cases), **extra})
     confine_to = Path(spec.output_dir) if spec.confine_outputs else None
     safe = []
     for case in cases:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from bernini.cases import Case
+
 
 SIDECAR_MARK = ("sidecar_version", "fingerprint")  # keys every sidecar bernini writes holds
 SUMMARY_MARK = ("summary_version", "cases")  # and every summary.json
@@ -56,6 +57,18 @@ def written_by_us(output: Path) -> bool:
 def is_inside(path: Path, folder: Path) -> bool:
     """`path` is `folder` or below it (both resolved, so symlinks cannot leave the folder unnoticed)."""
     return path.resolve().is_relative_to(folder.resolve())
+
+
+def protected_files(cases: Sequence[Case]) -> dict[Path, str]:
+    """Every case file and media file of the batch, with what it is, for the messages."""
+    files: dict[Path, str] = {}
+    for case in cases:
+        if Path(case.source).is_file():
+            files.setdefault(Path(case.source), f"the case file {case.source}")
+        keyed = [("video", p) for p in case.videos] + ([("image", case.image)] if case.image else []) + [("images", p) for p in case.images]
+        for key, path in keyed:
+            files.setdefault(path, f"the input {path} ('{key}' of {case.source})")
+    return files
 
 
 class Protected:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bernini import media, outputs
-from bernini.cases import Case, CaseError, protected_files, resolve_mode
+from bernini.cases import Case, CaseError, resolve_mode
 from bernini.conditioning import Conditions, Source, SourceIdRule, visual_sources
 from bernini.config import GenerationSettings
 from bernini.guidance import GUIDANCE_MODES, get_mode
@@ -264,7 +264,7 @@ def plan_all(cases: Sequence[Case], settings: GenerationSettings, errors: list[t
 
 def check_run_destinations(planned: Sequence[tuple[Case, CasePlan]], summary: Path, output_dir: Path, *, overwrite: bool = False) -> None:
     """--summary and --output_dir are usable and the summary replaces no file of the batch (ValueError otherwise)."""
-    files = list(protected_files([case for case, _ in planned]))
+    files = list(outputs.protected_files([case for case, _ in planned]))
     for _, plan in planned:
         files += [Path(plan.output), outputs.sidecar_path(Path(plan.output))]
     outputs.check_destinations(summary, output_dir, files, overwrite=overwrite)

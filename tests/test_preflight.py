@@ -67,7 +67,7 @@ def refuse_reading_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
             self.handle = self.inner.__enter__()
             return self
 
-        def __exit__(self, *exc: Any) -> None:
+        def __exit__(self, *exc: object) -> None:
             self.inner.__exit__(*exc)
 
         def keys(self) -> list[str]:

@@ -32,7 +32,7 @@ REFS = [str(MEDIA / "ref1.jpg"), str(MEDIA / "ref2.jpg")]
 # a swapped source order (the image after the first reference) gives 1.6e-4, so 1e-5 tells them apart.
 TOLERANCE = 1e-5
 # Three steps at shift 5 run the high expert twice and the low one once (switch and omega scaling included).
-SMALL = dict(num_inference_steps=3, max_image_size=64, num_frames=5, height=32, width=48)
+SMALL = {"num_inference_steps": 3, "max_image_size": 64, "num_frames": 5, "height": 32, "width": 48}
 
 # (name, case keys, guidance mode or None for the task's default)
 COMBINATIONS = [
