@@ -199,6 +199,25 @@ def _single_media(merged: Mapping[str, Any], key: str, source: str, base: Path |
     return _resolve_media(value, source, key, base)
 
 
+def check_task_inputs(case: Case) -> None:
+    """The strict rule for interfaces that offer only a task's own inputs (the demo): the task's media counts.
+
+    Case files and --inputs do not apply it: they take any media with any task, as upstream (plan.py warns).
+    """
+    task, source = case.task, case.source
+    lo, hi = task.videos
+    if not lo <= len(case.videos) <= hi:
+        need = f"exactly {lo}" if lo == hi else f"{lo} to {hi}"
+        raise _fail(source, "video", f"task {task.name!r} takes {need} video(s), got {len(case.videos)}")
+    if case.image and not task.image:
+        raise _fail(source, "image", f"task {task.name!r} takes no single source image (use 'images' for references)")
+    if task.image and not case.image and task.name == "i2i":
+        raise _fail(source, "image", "task 'i2i' needs the source image under 'image'")
+    lo, hi = task.images
+    if not lo <= len(case.images) <= hi:
+        raise _fail(source, "images", f"task {task.name!r} takes {lo} to {hi} reference image(s), got {len(case.images)}")
+
+
 def load_case_file(path: Path, *, name: str | None = None, defaults: Mapping[str, Any] | None = None) -> Case:
     source = str(path)
     try:

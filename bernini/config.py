@@ -123,20 +123,20 @@ class GenerationSettings:
         _require("fps", self.fps, self.fps > 0, "must be > 0 (it resamples the source videos and times the output)")
         thresholds = self.norm_threshold
         _require("norm_threshold", list(thresholds), 1 <= len(thresholds) <= NORM_THRESHOLD_VALUES,
-                 f"takes 1 to {NORM_THRESHOLD_VALUES} values (the APG modes use the first one or two)")
+                 f"needs 1 to {NORM_THRESHOLD_VALUES} values (the APG modes use the first one or two)")
         for value in thresholds:
             _require("norm_threshold", value, _is_number(value), "values must be finite numbers (0 or less turns clipping off)")
         _require("seed", self.seed, _is_int(self.seed) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
                  f"must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]} (torch's seed range)")
         _require("num_inference_steps", self.num_inference_steps, _is_int(self.num_inference_steps) and 1 <= self.num_inference_steps <= MAX_STEPS,
-                 f"must be an integer from 1 to {MAX_STEPS}")
+                 f"must be >= 1 and at most {MAX_STEPS} (an integer)")
         if not (_is_int(self.num_frames) and 1 <= self.num_frames <= MAX_NUM_FRAMES):
             nearest = f"{MAX_NUM_FRAMES}" if _is_int(self.num_frames) and self.num_frames > MAX_NUM_FRAMES else "1 (an image) or 5 (a video)"
-            _require("num_frames", self.num_frames, False,
-                     f"must be an integer from 1 to {MAX_NUM_FRAMES} (videos take 4k+1 frames; above {MAX_NUM_FRAMES} a case runs for hours); nearest valid value: {nearest}")
+            _require("num_frames", self.num_frames, False, f"must be >= 1 and at most {MAX_NUM_FRAMES} (videos take 4k+1 frames; "
+                     f"above {MAX_NUM_FRAMES} a case runs for hours)", fix=f"nearest valid value: {nearest}")
         for name in ("max_image_size", "height", "width"):
             value = getattr(self, name)
-            _require(name, value, _is_int(value) and 16 <= value <= MAX_SIDE, f"must be an integer from 16 to {MAX_SIDE} pixels")
+            _require(name, value, _is_int(value) and 16 <= value <= MAX_SIDE, f"must be >= 16 and at most {MAX_SIDE} pixels (an integer)")
         _require("max_trained_src_id", self.max_trained_src_id, _is_int(self.max_trained_src_id) and self.max_trained_src_id >= 1, "must be an integer >= 1")
 
     def to_dict(self) -> dict[str, Any]:
@@ -189,13 +189,16 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _require(name: str, value: Any, ok: bool, rule: str) -> None:
-    """ValueError naming the flag, its value, the rule and the default to fall back on."""
+def _require(name: str, value: Any, ok: bool, rule: str, fix: str | None = None) -> None:
+    """ValueError naming the setting, the rule, the flag as given and the fix (by default: the default value)."""
     if ok:
         return
-    defaults = {f.name: f.default for cls in (GenerationSettings, RuntimeConfig) for f in dataclasses.fields(cls)}
+    runtime = {f.name: f.default for f in dataclasses.fields(RuntimeConfig)}
+    defaults = {**{f.name: f.default for f in dataclasses.fields(GenerationSettings)}, **runtime}
     default = defaults.get(name, dataclasses.MISSING)
     if isinstance(default, tuple):
         default = " ".join(f"{v:g}" for v in default)
     hint = f"; the default is --{name} {default}" if default not in (dataclasses.MISSING, None) else ""
-    raise ValueError(f"invalid setting --{name} {value}: {rule}{hint}")
+    hint = f"; {fix}" if fix else hint
+    kind = "runtime" if name in runtime else "generation"
+    raise ValueError(f"invalid {kind} setting: {name} {rule}, got --{name} {value}{hint}")
