@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from bernini import outputs
 from bernini.guidance import get_mode
 from bernini.tasks import TASKS, Task, get_task
 
@@ -23,6 +24,25 @@ _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.\-]*://")
 
 class CaseError(ValueError):
     """A case that cannot run; the message names the case, the key and the rule."""
+
+
+class JsonObject(dict):
+    """A parsed JSON object that remembers the keys it held more than once (json.loads keeps the last silently)."""
+
+    duplicates: tuple[str, ...] = ()
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> JsonObject:
+    obj = JsonObject(pairs)
+    if len(obj) != len(pairs):
+        keys = [k for k, _ in pairs]
+        obj.duplicates = tuple(k for k in dict.fromkeys(keys) if keys.count(k) > 1)
+    return obj
+
+
+def parse_json(text: str) -> Any:
+    """json.loads whose objects are JsonObjects (so duplicate keys can be refused by name)."""
+    return json.loads(text, object_pairs_hook=_json_object)
 
 
 @dataclass(frozen=True)
@@ -98,6 +118,9 @@ def parse_case(
     """
     if not isinstance(data, dict):
         raise _fail(source, None, f"a case must be a JSON object, got {type(data).__name__}")
+    duplicates = getattr(data, "duplicates", ())
+    if duplicates:
+        raise _fail(source, duplicates[0], "appears more than once in this object (JSON would silently keep the last value); keep exactly one")
     unknown = sorted(set(data) - set(CASE_KEYS))
     if unknown:
         raise _fail(source, unknown[0], f"unknown key; allowed keys: {', '.join(CASE_KEYS)} (generation settings such as seed or num_frames are command-line flags)")
@@ -110,7 +133,7 @@ def parse_case(
     videos = _media_list(merged, "video", source, bases["video"], allow_single=True)
     image = _single_media(merged, "image", source, bases["image"])
     images = _media_list(merged, "images", source, bases["images"], allow_single=False)
-    _check_counts(task, source, len(videos), image is not None, len(images))
+    # Any media with any task, as upstream (the task only picks the system prompt); plan.py warns about mismatches.
     output = merged.get("output")
     if output is not None and (not isinstance(output, str) or not output.strip()):
         raise _fail(source, "output", f"must be a non-empty path string, got {json.dumps(output)[:80]}")
@@ -176,24 +199,29 @@ def _single_media(merged: Mapping[str, Any], key: str, source: str, base: Path |
     return _resolve_media(value, source, key, base)
 
 
-def _check_counts(task: Task, source: str, videos: int, image: bool, images: int) -> None:
+def check_task_inputs(case: Case) -> None:
+    """The strict rule for interfaces that offer only a task's own inputs (the demo): the task's media counts.
+
+    Case files and --inputs do not apply it: they take any media with any task, as upstream (plan.py warns).
+    """
+    task, source = case.task, case.source
     lo, hi = task.videos
-    if not lo <= videos <= hi:
+    if not lo <= len(case.videos) <= hi:
         need = f"exactly {lo}" if lo == hi else f"{lo} to {hi}"
-        raise _fail(source, "video", f"task {task.name!r} takes {need} video(s), got {videos}")
-    if image and not task.image:
+        raise _fail(source, "video", f"task {task.name!r} takes {need} video(s), got {len(case.videos)}")
+    if case.image and not task.image:
         raise _fail(source, "image", f"task {task.name!r} takes no single source image (use 'images' for references)")
-    if task.image and not image and task.name == "i2i":
+    if task.image and not case.image and task.name == "i2i":
         raise _fail(source, "image", "task 'i2i' needs the source image under 'image'")
     lo, hi = task.images
-    if not lo <= images <= hi:
-        raise _fail(source, "images", f"task {task.name!r} takes {lo} to {hi} reference image(s), got {images}")
+    if not lo <= len(case.images) <= hi:
+        raise _fail(source, "images", f"task {task.name!r} takes {lo} to {hi} reference image(s), got {len(case.images)}")
 
 
 def load_case_file(path: Path, *, name: str | None = None, defaults: Mapping[str, Any] | None = None) -> Case:
     source = str(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = parse_json(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CaseError(f"{source}: case file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -201,22 +229,43 @@ def load_case_file(path: Path, *, name: str | None = None, defaults: Mapping[str
     return parse_case(data, source=source, name=name or path.stem, base=path.parent.resolve(), defaults=defaults)
 
 
-def find_case_files(spec: str) -> list[Path]:
-    """A case file, a folder of case files (recursive, sorted), or a glob."""
+def find_case_files(spec: str, output_dir: Path | None = None) -> list[Path]:
+    """A case file, a folder of case files (recursive, sorted), or a glob.
+
+    A folder or glob skips bernini's own files: sidecars, summaries, and everything under
+    `output_dir` when that sits inside the searched folder (so a rerun never reads its outputs as cases).
+    """
     path = Path(spec)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*.json") if p.is_file())
-        if not files:
-            raise CaseError(f"{spec}: folder holds no *.json case files")
-        return files
     if path.is_file():
         return [path]
-    if any(ch in spec for ch in "*?["):
-        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
-        if not files:
-            raise CaseError(f"{spec}: glob matches no files")
-        return files
-    raise CaseError(f"{spec}: no such case file or folder")
+    if path.is_dir():
+        root, files, kind = path, sorted(p for p in path.rglob("*.json") if p.is_file()), "folder holds no *.json case files"
+    elif glob.has_magic(spec):
+        root, files, kind = _glob_root(spec), sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file()), "glob matches no files"
+    else:
+        raise CaseError(f"{spec}: no such case file or folder")
+    cases = [p for p in files if not _ours(p, root, output_dir)]
+    if len(cases) < len(files):
+        log.info("%s: skipped %d of bernini's own files (sidecars, summaries, files under --output_dir)", spec, len(files) - len(cases))
+    if not cases:
+        raise CaseError(f"{spec}: {kind}" + (f" besides {len(files)} of bernini's own outputs" if files else ""))
+    return cases
+
+
+def _glob_root(spec: str) -> Path:
+    """The folder a glob searches: its leading parts without wildcards."""
+    parts = Path(spec).parts
+    fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+    return Path(*parts[:fixed]) if fixed else Path(".")
+
+
+def _ours(path: Path, root: Path, output_dir: Path | None) -> bool:
+    """A sidecar or summary.json we wrote, or a file under an --output_dir that lies inside the searched folder."""
+    if output_dir is not None:
+        out, top = output_dir.resolve(), root.resolve()
+        if out != top and outputs.is_inside(out, top) and outputs.is_inside(path, out):
+            return True
+    return outputs.is_sidecar(path) or outputs.is_summary(path)
 
 
 def load_inputs(path: Path, defaults: Mapping[str, Any]) -> list[tuple[Any, str]]:
@@ -230,12 +279,12 @@ def load_inputs(path: Path, defaults: Mapping[str, Any]) -> list[tuple[Any, str]
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    items.append((json.loads(line), f"{path}:{n}"))
+                    items.append((parse_json(line), f"{path}:{n}"))
                 except json.JSONDecodeError as exc:
                     raise CaseError(f"{path}:{n}: not valid JSON ({exc})") from None
         return items
     try:
-        data = json.loads(text)
+        data = parse_json(text)
     except json.JSONDecodeError as exc:
         raise CaseError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, list):
@@ -263,6 +312,8 @@ class BatchSpec:
     cli_case: Mapping[str, Any] = field(default_factory=dict)  # --prompt/--task_type/--video/... values
     output: str | None = None  # --output when given explicitly
     output_dir: str = "outputs"
+    overwrite: bool = False  # --overwrite: replace existing files bernini did not write
+    confine_outputs: bool = False  # --confine_outputs: refuse outputs outside output_dir (demo, servers)
 
 
 def collect_cases(spec: BatchSpec) -> tuple[list[Case], list[tuple[str, str]]]:
@@ -279,7 +330,7 @@ def collect_cases(spec: BatchSpec) -> tuple[list[Case], list[tuple[str, str]]]:
             errors.append((source, str(exc)))
 
     if spec.case:
-        files = find_all_case_files(spec.case, errors)
+        files = find_all_case_files(spec.case, errors, Path(spec.output_dir))
         for path, name in zip(files, _unique_names(files), strict=True):
             attempt(lambda: load_case_file(path, name=name, defaults=spec.cli_case), str(path))
     elif spec.inputs:
@@ -296,12 +347,12 @@ def collect_cases(spec: BatchSpec) -> tuple[list[Case], list[tuple[str, str]]]:
     return cases, errors
 
 
-def find_all_case_files(specs: Sequence[str], errors: list[tuple[str, str]]) -> list[Path]:
+def find_all_case_files(specs: Sequence[str], errors: list[tuple[str, str]], output_dir: Path | None = None) -> list[Path]:
     """Every --case argument's files, each once; an argument that names nothing is an invalid entry."""
     found: dict[Path, Path] = {}
     for spec in specs:
         try:
-            for path in find_case_files(spec):
+            for path in find_case_files(spec, output_dir):
                 found.setdefault(path.resolve(), path)  # a file named twice (folder + file) runs once
         except CaseError as exc:
             errors.append((spec, str(exc)))
@@ -324,7 +375,23 @@ def assign_outputs(cases: list[Case], spec: BatchSpec, errors: list[tuple[str, s
             errors.append((case.source, f"{case.source}: key 'output': {out} must end in .mp4: task {case.task_type!r} renders a video (H.264 mp4)"))
             continue
         resolved.append(replace(case, output=out.resolve()))
-    return _drop_collisions(resolved, errors)
+    return _refuse_unsafe(_drop_collisions(resolved, errors), spec, errors)
+
+
+def _refuse_unsafe(cases: list[Case], spec: BatchSpec, errors: list[tuple[str, str]]) -> list[Case]:
+    """No output may replace an input of the batch, a foreign file (without --overwrite), or leave a confined folder."""
+    extra = {Path(spec.inputs): f"the --inputs file {spec.inputs}"} if spec.inputs else {}
+    protected = outputs.Protected({**outputs.protected_files(cases), **extra})
+    confine_to = Path(spec.output_dir) if spec.confine_outputs else None
+    safe = []
+    for case in cases:
+        problem = outputs.output_problem(case.output, protected, overwrite=spec.overwrite, confine_to=confine_to)  # type: ignore[arg-type]
+        if problem:
+            named_by = "key 'output'" if case.explicit_output else ("--output" if spec.output else "output from --output_dir")
+            errors.append((case.source, f"{case.source}: {named_by}: {problem}"))
+        else:
+            safe.append(case)
+    return safe
 
 
 def _output_for(case: Case, spec: BatchSpec, count: int) -> Path:

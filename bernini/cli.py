@@ -94,6 +94,8 @@ def build_parser(prog: str, multi_gpu: bool = False) -> argparse.ArgumentParser:
     b.add_argument("--fail-fast", "--fail_fast", dest="fail_fast", action="store_true")
     b.add_argument("--skip-existing", "--skip_existing", dest="skip_existing", action="store_true", help="resume: skip cases whose output is complete")
     b.add_argument("--summary", type=Path, help="where to write summary.json (default: the common folder of the outputs)")
+    b.add_argument("--overwrite", action="store_true", help="replace existing files at output paths that bernini did not write (refused by default)")
+    b.add_argument("--confine_outputs", "--confine-outputs", dest="confine_outputs", action="store_true", help="refuse any case output outside --output_dir (for case files from others)")
     b.add_argument("--log-format", "--log_format", dest="log_format", choices=("text", "json"), default="text")
     b.add_argument("--verbose", "-v", action="store_true")
     if multi_gpu:
@@ -158,7 +160,8 @@ def batch_spec_from(args: argparse.Namespace) -> BatchSpec:
         "image": args.image,
         "images": args.images,
     }
-    return BatchSpec(case=args.case or (), inputs=args.inputs, cli_case=cli_case, output=args.output, output_dir=args.output_dir)
+    return BatchSpec(case=args.case or (), inputs=args.inputs, cli_case=cli_case, output=args.output, output_dir=args.output_dir,
+                     overwrite=args.overwrite, confine_outputs=args.confine_outputs)
 
 
 def options_from(args: argparse.Namespace, runtime: RuntimeConfig | None = None) -> BatchOptions:

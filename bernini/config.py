@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,18 @@ from typing import Any
 from bernini.tasks import DEFAULT_NEG_PROMPT
 
 DEFAULT_CONFIG_DIR = "configs/bernini_renderer_wan22"
+
+# The longest render we accept. 1001 = 4*250 + 1 frames (62 s at 16 fps, 12x the 81 frames the model
+# was trained on; the maintainers advise <= 121): 251 latent frames, 400k tokens a forward at 480p,
+# hours a case even on 8 GPUs. Beyond it a typo (100000) would run until killed instead of failing now.
+MAX_NUM_FRAMES = 1001
+# UniPC's grid has 1000 training timesteps; more steps than that repeat integer timesteps.
+MAX_STEPS = 1000
+# Sides and long-side limits: the media pixel limit (4096x4096) bounds what can be read anyway.
+MAX_SIDE = 4096
+# torch.Generator.manual_seed takes -2**63 .. 2**64-1 (a negative seed wraps, as upstream's would).
+SEED_RANGE = (-(2**63), 2**64 - 1)
+NORM_THRESHOLD_VALUES = 3  # the official default gives three; the APG modes read at most two
 
 
 @dataclass(frozen=True)
@@ -28,16 +42,40 @@ class RendererConfig:
     interpolate_src_id: bool = True
     max_trained_src_id: int = 5
 
+    def __post_init__(self) -> None:
+        rules = [
+            (isinstance(self.wan22_base, str) and bool(self.wan22_base), "wan22_base must name the Wan2.2 base (a folder or a hub id)"),
+            (all(isinstance(v, bool) for v in (self.skip_transformer_1, self.skip_transformer_2, self.use_unipc, self.use_src_id_rotary_emb, self.interpolate_src_id)),
+             "skip_transformer_1/2, use_unipc, use_src_id_rotary_emb and interpolate_src_id must be true or false"),
+            (not (self.skip_transformer_1 and self.skip_transformer_2), "skip_transformer_1 and skip_transformer_2 cannot both be true: no expert would be left"),
+            (_is_number(self.switch_dit_boundary) and 0 <= self.switch_dit_boundary <= 1, "switch_dit_boundary must be a number from 0 to 1 (0.875 for Wan2.2)"),
+            (_is_int(self.max_sequence_length) and self.max_sequence_length >= 1, "max_sequence_length must be an integer >= 1 (512)"),
+            (_is_number(self.shift) and self.shift > 0, "shift must be a number > 0"),
+            (_is_int(self.max_trained_src_id) and self.max_trained_src_id >= 1, "max_trained_src_id must be an integer >= 1 (5)"),
+        ]
+        for ok, rule in rules:
+            if not ok:
+                raise ValueError(f"invalid renderer config: {rule}")
+
     @classmethod
     def from_json(cls, path: Path) -> "RendererConfig":
-        data = json.loads(path.read_text())
+        """Read a config.json; any problem is a ValueError that names the file."""
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: cannot read the renderer config ({exc}); restore the file (it holds model_type 'bernini_renderer')") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the renderer config must be a JSON object, got {type(data).__name__}")
         if data.get("model_type", "bernini_renderer") != "bernini_renderer":
             raise ValueError(
                 f"{path}: model_type {data['model_type']!r} is not supported; this toolkit runs the "
                 "Bernini renderer (model_type 'bernini_renderer'), not the full Bernini planner"
             )
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
 
     @property
     def experts(self) -> tuple[str, ...]:
@@ -78,19 +116,28 @@ class GenerationSettings:
     max_trained_src_id: int = 5
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.num_inference_steps >= 1, "num_inference_steps must be >= 1"),
-            (self.num_frames >= 1, "num_frames must be >= 1"),
-            (self.max_image_size >= 16, "max_image_size must be >= 16"),
-            (self.height >= 16 and self.width >= 16, "height and width must be >= 16"),
-            (self.fps > 0, "fps must be > 0"),
-            (self.flow_shift > 0, "flow_shift must be > 0"),
-            (len(self.norm_threshold) >= 1, "norm_threshold needs at least one value"),
-            (self.max_trained_src_id >= 1, "max_trained_src_id must be >= 1"),
-        ]
-        for ok, rule in checks:
-            if not ok:
-                raise ValueError(f"invalid generation setting: {rule}")
+        """Every value is checked before anything loads; the message names the flag, the rule and the fix."""
+        for name in ("omega_vid", "omega_img", "omega_txt", "omega_scale", "flow_shift", "fps", "eta", "momentum"):
+            _require(name, getattr(self, name), _is_number(getattr(self, name)), "must be a finite number")
+        _require("flow_shift", self.flow_shift, self.flow_shift > 0, "must be > 0")
+        _require("fps", self.fps, self.fps > 0, "must be > 0 (it resamples the source videos and times the output)")
+        thresholds = self.norm_threshold
+        _require("norm_threshold", list(thresholds), 1 <= len(thresholds) <= NORM_THRESHOLD_VALUES,
+                 f"needs 1 to {NORM_THRESHOLD_VALUES} values (the APG modes use the first one or two)")
+        for value in thresholds:
+            _require("norm_threshold", value, _is_number(value), "values must be finite numbers (0 or less turns clipping off)")
+        _require("seed", self.seed, _is_int(self.seed) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
+                 f"must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]} (torch's seed range)")
+        _require("num_inference_steps", self.num_inference_steps, _is_int(self.num_inference_steps) and 1 <= self.num_inference_steps <= MAX_STEPS,
+                 f"must be >= 1 and at most {MAX_STEPS} (an integer)")
+        if not (_is_int(self.num_frames) and 1 <= self.num_frames <= MAX_NUM_FRAMES):
+            nearest = f"{MAX_NUM_FRAMES}" if _is_int(self.num_frames) and self.num_frames > MAX_NUM_FRAMES else "1 (an image) or 5 (a video)"
+            _require("num_frames", self.num_frames, False, f"must be >= 1 and at most {MAX_NUM_FRAMES} (videos take 4k+1 frames; "
+                     f"above {MAX_NUM_FRAMES} a case runs for hours)", fix=f"nearest valid value: {nearest}")
+        for name in ("max_image_size", "height", "width"):
+            value = getattr(self, name)
+            _require(name, value, _is_int(value) and 16 <= value <= MAX_SIDE, f"must be >= 16 and at most {MAX_SIDE} pixels (an integer)")
+        _require("max_trained_src_id", self.max_trained_src_id, _is_int(self.max_trained_src_id) and self.max_trained_src_id >= 1, "must be an integer >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -116,9 +163,14 @@ class RuntimeConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for flag, value, choices in (("--fp8_gemm", self.fp8_gemm, FP8_GEMM_CHOICES), ("--fp8_attention", self.fp8_attention, FP8_ATTENTION_CHOICES)):
-            if value not in choices:
-                raise ValueError(f"invalid {flag} {value!r}; choose one of: {', '.join(choices)}")
+        _require("device", self.device, isinstance(self.device, str) and _DEVICE.match(self.device) is not None,
+                 "must be cuda, cuda:N (N = the GPU index) or cpu")
+        for name, choices in _RUNTIME_CHOICES.items():
+            value = getattr(self, name)
+            _require(name, value, value in choices, f"must be one of {', '.join(choices)}")
+        if self.max_gpu_memory is not None:
+            _require("max_gpu_memory", self.max_gpu_memory, _is_number(self.max_gpu_memory) and self.max_gpu_memory > 0, "must be a finite number of GiB > 0")
+        _require("host_ranks", self.host_ranks, _is_int(self.host_ranks) and self.host_ranks >= 1, "must be an integer >= 1")
         if self.fp8_gemm == "torchao" and self.weights == "fp8":
             raise ValueError("--fp8_gemm torchao quantizes bf16 weights, but --weights fp8 already stores them in FP8 "
                              "(and computes them with torch._scaled_mm where it can): drop one of the two flags")
@@ -134,3 +186,37 @@ FP8_ATTENTION_CHOICES = ("off", "auto", "cudnn_fp8", "sage")
 # What --fast turns on: each option in its 'auto' form, which falls back to the exact path where the card or the
 # installed packages lack it. Named flags override the preset; docs/performance.md has what each option measured.
 FAST_PRESET: dict[str, str] = {"fp8_gemm": "auto", "fp8_attention": "auto"}
+
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+_RUNTIME_CHOICES: dict[str, tuple[Any, ...]] = {
+    "dtype": ("bfloat16", "float16", "float32"),
+    "attention": ("auto", "fa3", "fa4", "fa2", "sdpa"),
+    "offload": ("auto", "none", "expert", "block"),
+    "weights": ("bf16", "fp8"),
+    "fp8_gemm": FP8_GEMM_CHOICES,
+    "fp8_attention": FP8_ATTENTION_CHOICES,
+}
+
+
+def _is_number(value: Any) -> bool:
+    """A real, finite number (bool is not one)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require(name: str, value: Any, ok: bool, rule: str, fix: str | None = None) -> None:
+    """ValueError naming the setting, the rule, the flag as given and the fix (by default: the default value)."""
+    if ok:
+        return
+    runtime = {f.name: f.default for f in dataclasses.fields(RuntimeConfig)}
+    defaults = {**{f.name: f.default for f in dataclasses.fields(GenerationSettings)}, **runtime}
+    default = defaults.get(name, dataclasses.MISSING)
+    if isinstance(default, tuple):
+        default = " ".join(f"{v:g}" for v in default)
+    hint = f"; the default is --{name} {default}" if default not in (dataclasses.MISSING, None) else ""
+    hint = f"; {fix}" if fix else hint
+    kind = "runtime" if name in runtime else "generation"
+    raise ValueError(f"invalid {kind} setting: {name} {rule}, got --{name} {value}{hint}")

@@ -9,11 +9,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bernini import memory
+from bernini import memory, weights
 from bernini.cases import Case, CaseError
 from bernini.cli import build_parser, collect, configure_logging, options_from, progress_for, runtime_from, settings_from, wants_progress_bars
 from bernini.config import GenerationSettings, RuntimeConfig
-from bernini.plan import CasePlan
+from bernini.plan import CasePlan, check_run_destinations
 from bernini.runner import format_plan, plan_all, run_batch, summary_location, write_json_atomic
 
 if TYPE_CHECKING:
@@ -42,10 +42,15 @@ def make_enhancer(args: argparse.Namespace) -> Enhance:
 def prepare(args: argparse.Namespace) -> tuple[GenerationSettings, Planned, list[tuple[str, str]]]:
     """Settings, planned cases and invalid cases; raises ValueError when the run cannot start."""
     settings = settings_from(args)
+    if args.use_pe:
+        from bernini.prompt_enhancer import PESettings
+
+        PESettings.from_env(model=args.pe_model, on_error=args.pe_on_error).check_ready()
     cases, errors = collect(args)
     planned = plan_all(cases, settings, errors)
     for source, message in errors:
         log.error("invalid case %s", message if message.startswith(source) else f"{source}: {message}")
+    check_run_destinations(planned, summary_location([p for _, p in planned], args.summary, Path(args.output_dir)), Path(args.output_dir), overwrite=args.overwrite)
     return settings, planned, errors
 
 
@@ -110,9 +115,13 @@ def dry_run(args: argparse.Namespace, planned: Planned, errors: Sequence[tuple[s
         try:
             with offline_hub():
                 sources = resolve_sources(args.config, args.high_noise_ckpt, args.low_noise_ckpt)
+                weights.preflight(sources)
             load = memory.workload_of([p for _, p in planned], runtime.batch_combos)
             plan = offload.plan_for_run(sources.base, len(sources.renderer.experts), runtime, torch.device(runtime.device), load, sources.renderer.max_sequence_length)
             print(plan.describe())
+        except weights.CheckpointError as exc:  # the files are there and unusable: nothing could run
+            print(f"checkpoint: {exc}")
+            return 2
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             print(f"memory plan skipped: --config {args.config} does not resolve offline ({str(exc).splitlines()[0]})")
     return 0 if not errors else (1 if planned else 2)

@@ -25,7 +25,7 @@ from bernini.models.text_encoder import TextEncoder, positive_text
 from bernini.models.transformer import TransformerConfig, WanTransformer, compile_blocks, patchify, unpatchify
 from bernini.models.vae import VAE
 from bernini.offload import ExpertStore, MemoryPlan
-from bernini.plan import PATCH, CasePlan, plan_case
+from bernini.plan import PATCH, CasePlan, effective_settings, plan_case
 from bernini.sampling import Denoiser, LocalCombos, SamplingPlan, StepEvent, initial_noise
 
 log = logging.getLogger(__name__)
@@ -215,6 +215,7 @@ class Renderer:
     @classmethod
     def load(cls, sources: ModelSources, runtime: RuntimeConfig = RuntimeConfig(), workload: memory.Workload | None = None) -> "Renderer":
         """Load everything where the memory plan says; ``workload``: the batch's largest case (480p when None)."""
+        weights.preflight(sources)  # headers, keys, shapes, configs: before the 11 GB text encoder loads
         start = time.perf_counter()
         device = resolve_device(runtime.device)
         dtype = torch_dtype(runtime.dtype)
@@ -295,6 +296,7 @@ class Renderer:
         on_step: Callable[[StepEvent], None] | None = None,
     ) -> RenderOutput:
         """Render one case to frames (no file is written here)."""
+        settings = effective_settings(case, settings)  # image tasks read their videos as one frame
         plan = plan or plan_case(case, settings)
         timings: dict[str, float] = {}
         clock = time.perf_counter()

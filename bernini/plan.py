@@ -5,16 +5,16 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from bernini import media
+from bernini import media, outputs
 from bernini.cases import Case, CaseError, resolve_mode
 from bernini.conditioning import Conditions, Source, SourceIdRule, visual_sources
 from bernini.config import GenerationSettings
-from bernini.guidance import get_mode
+from bernini.guidance import GUIDANCE_MODES, get_mode
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class CasePlan:
     forwards_per_step: int
     tokens_per_forward: tuple[int, ...]
     steps: int
+    warnings: tuple[str, ...] = ()  # what renders other than the task's name suggests (dry run, sidecar, log)
 
     @property
     def cost(self) -> float:
@@ -113,10 +114,23 @@ def plan_media(case: Case, settings: GenerationSettings) -> tuple[MediaPlan, ...
     return tuple(plans)
 
 
+def effective_settings(case: Case, settings: GenerationSettings) -> GenerationSettings:
+    """Image tasks render one frame, so their videos are read as one frame too: upstream with --num_frames 1."""
+    return replace(settings, num_frames=1) if case.task.single_frame and settings.num_frames != 1 else settings
+
+
 def plan_case(case: Case, settings: GenerationSettings) -> CasePlan:
     """Probe the media (cached) and resolve every effective value; raises CaseError on bad media."""
-    sources = plan_media(case, settings)
     task = case.task
+    if not task.single_frame and media.coerce_num_frames(settings.num_frames) == 1:
+        raise CaseError(
+            f"{case.source}: --num_frames {settings.num_frames} gives 1 frame (counts become 4k+1 as upstream: n // 4 * 4 + 1), "
+            f"but task {task.name!r} renders a video: use --num_frames 5 or more (nearest valid value: 5; 4 gives 5 too), "
+            "or an image task (t2i, i2i, r2i) for one frame"
+        )
+    settings = effective_settings(case, settings)
+    sources = plan_media(case, settings)
+    # The target follows the first video, else the single image, else --height/--width (spec 2, 6.2).
     if case.videos:
         first = sources[0]
         frames, width, height = (1 if task.single_frame else first.frames), first.width, first.height
@@ -139,6 +153,9 @@ def plan_case(case: Case, settings: GenerationSettings) -> CasePlan:
     fake = _fake_conditions(case, sources)
     rule = SourceIdRule(settings.use_src_tgt_id, settings.interpolate_src_id, settings.max_trained_src_id)
     per_forward = tuple(tokens + sum(s.tokens for s, _ in visual_sources(fake, c.visual, rule)) for c in get_mode(mode_name).combos)
+    warnings = media_warnings(case, mode_name, fake, rule)
+    for warning in warnings:
+        log.warning("%s: %s", case.source, warning)
     return CasePlan(
         name=case.name,
         task_type=case.task_type,
@@ -153,7 +170,55 @@ def plan_case(case: Case, settings: GenerationSettings) -> CasePlan:
         forwards_per_step=len(per_forward),
         tokens_per_forward=per_forward,
         steps=settings.num_inference_steps,
+        warnings=warnings,
     )
+
+
+def media_warnings(case: Case, mode_name: str, cond: Conditions, rule: SourceIdRule) -> tuple[str, ...]:
+    """The two ways a case renders other than its task suggests (both run, as upstream; both are said).
+
+    The task expects media the case lacks (i2v without 'image' renders from text like t2v), or the
+    guidance mode's passes never show the model some of the case's media (t2v_apg with a video).
+    """
+    warnings = []
+    absent = case.task.absent_inputs(len(case.videos), case.image is not None, len(case.images))
+    if absent:
+        alike = (" like t2i" if case.task.single_frame else " like t2v") if not case.media() else ""
+        have = _describe_media(len(case.videos), case.image is not None, len(case.images))
+        warnings.append(
+            f"task {case.task_type!r} expects {' and '.join(absent)}; it renders from {have}{alike}, "
+            "as upstream does (the task only picks the system prompt)"
+        )
+    unused = _unseen(cond, mode_name, rule)
+    if unused:
+        n_video = len(cond.videos)
+        keys = [f"video #{i + 1}" if n_video > 1 else "video" for i in range(n_video)] + (["image"] if cond.image is not None else [])
+        keys += [f"images #{i + 1}" for i in range(len(cond.images))]
+        names = [key for key, source in zip(keys, cond.all, strict=True) if id(source) in unused]
+        sizing = cond.all[0] if cond.all else None  # the first video, else the image, sets the target's size
+        note = ""
+        if sizing is not None and id(sizing) in unused and (cond.videos or cond.image is not None):
+            note = " (it still sets the output's size and frame count)" if cond.videos else " (it still sets the output's size)"
+        users = [m for m in GUIDANCE_MODES if not _unseen(cond, m, rule)]
+        combos = ", ".join(str(c) for c in get_mode(mode_name).combos)
+        warnings.append(
+            f"guidance mode {mode_name!r} ({combos}) never shows the model the case's {', '.join(names)}{note}; "
+            f"modes that use all of its media: {', '.join(users)} (--guidance_mode or 'guidance_mode')"
+        )
+    return tuple(warnings)
+
+
+def _unseen(cond: Conditions, mode_name: str, rule: SourceIdRule) -> set[int]:
+    """ids of the condition sources that none of the mode's passes puts in the sequence."""
+    seen = {id(s) for combo in get_mode(mode_name).combos for s, _ in visual_sources(cond, combo.visual, rule)}
+    return {id(s) for s in cond.all} - seen
+
+
+def _describe_media(videos: int, image: bool, images: int) -> str:
+    parts = [f"{videos} video(s)"] if videos else []
+    parts += ["the image"] if image else []
+    parts += [f"{images} reference image(s)"] if images else []
+    return ("text and " + ", ".join(parts)) if parts else "text alone"
 
 
 def _fake_conditions(case: Case, sources: tuple[MediaPlan, ...]) -> Conditions:
@@ -174,6 +239,7 @@ def format_plan(planned: Sequence[tuple[Case, CasePlan]], errors: Sequence[tuple
             f"{case.name[:24]:24} {p.task_type:6} {p.guidance_mode:9} {p.width:>4}x{p.height:<4} {p.frames:>6} "
             f"{p.fps:>5g} {p.forwards_per_step:>8} {max(p.tokens_per_forward):>8}  {p.output}"
         )
+    lines += [f"WARNING {case.name}: {w}" for case, p in planned for w in p.warnings]
     lines += [f"INVALID {m if m.startswith(s) else f'{s}: {m}'}" for s, m in errors]
     lines.append(f"{len(planned)} case(s) ready, {len(errors)} invalid")
     return "\n".join(lines)
@@ -187,12 +253,21 @@ def plan_all(cases: Sequence[Case], settings: GenerationSettings, errors: list[t
             plan = plan_case(case, settings)
             _check_writable(Path(plan.output), case)
             planned.append((case, plan))
+            log.info("%s: output %s", case.name, plan.output)
         except ValueError as exc:  # CaseError, or a rule of media/plan
             message = str(exc)
             errors.append((case.source, message if message.startswith(case.source) else f"{case.source}: {message}"))
         except Exception as exc:  # a probe bug must not stop the other cases
             errors.append((case.source, f"{case.source}: cannot be planned ({type(exc).__name__}: {exc})"))
     return planned
+
+
+def check_run_destinations(planned: Sequence[tuple[Case, CasePlan]], summary: Path, output_dir: Path, *, overwrite: bool = False) -> None:
+    """--summary and --output_dir are usable and the summary replaces no file of the batch (ValueError otherwise)."""
+    files = list(outputs.protected_files([case for case, _ in planned]))
+    for _, plan in planned:
+        files += [Path(plan.output), outputs.sidecar_path(Path(plan.output))]
+    outputs.check_destinations(summary, output_dir, files, overwrite=overwrite)
 
 
 def _check_writable(output: Path, case: Case) -> None:

@@ -37,19 +37,31 @@ DEFAULT_NEG_PROMPT = (
 
 @dataclass(frozen=True)
 class Task:
-    """One task type: the media it takes and how it renders."""
+    """One task type: the media it is meant for (the demo shows those inputs) and how it renders."""
 
     name: str
     default_mode: str
-    videos: tuple[int, int] = (0, 0)  # (min, max) source videos
-    image: bool = False  # takes the single source `image`
-    images: tuple[int, int] = (0, 0)  # (min, max) reference images
+    videos: tuple[int, int] = (0, 0)  # (min, max) source videos it is meant for
+    image: bool = False  # meant for the single source `image`
+    images: tuple[int, int] = (0, 0)  # (min, max) reference images it is meant for
     single_frame: bool = False  # renders one frame to a .png whatever --num_frames says
     description: str = ""
 
     @property
     def system_prompt(self) -> str:
         return SYSTEM_PROMPTS[self.name]
+
+    def absent_inputs(self, videos: int, image: bool, images: int) -> tuple[str, ...]:
+        """What this task expects that a case lacks. Such a case still renders, as upstream does: the media
+        fields are read whatever the task, which only picks the system prompt (see plan.py's warnings)."""
+        absent = []
+        if videos < self.videos[0]:
+            absent.append(f"{self.videos[0]} source video(s) under 'video' (the case has {videos})")
+        if self.image and not image:
+            absent.append("a source image under 'image' (the case has none)")
+        if images < self.images[0]:
+            absent.append(f"at least {self.images[0]} reference image(s) under 'images' (the case has {images})")
+        return tuple(absent)
 
 
 _MANY = 64

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from bernini.cases import Case, CaseError, parse_case
+from bernini.cases import Case, CaseError, check_task_inputs, parse_case
 from bernini.config import GenerationSettings
 from bernini.parallel.groups import Groups
 from bernini.plan import CasePlan, plan_case
@@ -236,6 +236,7 @@ class DemoService:
             raise ValueError("the prompt enhancer is off: start the demo with --use_pe to use it")
         settings = settings_with(self.settings, request.knobs)
         case = parse_case(request.case_data(), source=REQUEST_SOURCE, name="request", base=None)
+        check_task_inputs(case)  # the page offers only the task's inputs: a missing one is the user's slip
         name = f"{case.task_type}_{datetime.now():%Y%m%d_%H%M%S_%f}"
         case = replace(case, name=name, output=self._free_output(name, case.task), explicit_output=True)
         plan = plan_case(case, settings)

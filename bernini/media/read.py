@@ -41,11 +41,11 @@ def load_image(path: PathLike, max_size: int) -> torch.Tensor:
 
 
 def open_rgb_image(file: Path) -> Image.Image:
-    """Open an image with PIL, apply its EXIF orientation and convert it to RGB."""
+    """Open an image with PIL, apply its EXIF orientation and convert it to 8-bit RGB (see to_rgb)."""
     try:
         with Image.open(file) as raw:
             upright = ImageOps.exif_transpose(raw)
-            return upright.convert("RGB")
+            return to_rgb(upright, file)
     except Image.DecompressionBombError as exc:
         raise MediaError(
             f"image '{file}' is too large to decode safely ({exc}); downscale it first, e.g. "
@@ -56,6 +56,33 @@ def open_rgb_image(file: Path) -> Image.Image:
             f"image '{file}' could not be decoded ({exc}); check it is a PNG/JPEG/WebP image "
             f"or re-save it, e.g. `ffmpeg -i {file.name} fixed.png`"
         ) from exc
+
+
+def to_rgb(image: Image.Image, file: Path) -> Image.Image:
+    """8-bit RGB the way the official renderer's PIL convert("RGB") gives it, except where that clips.
+
+    Pillow converts 8-bit modes (1, L, LA, P, PA, RGB, RGBA, CMYK, YCbCr...) correctly: alpha is
+    dropped, as upstream does. Its conversions of the wide modes treat every value above 255 as white,
+    so a 16-bit gray PNG (mode I;16) decodes almost white. Those are scaled here instead:
+    I;16*: v / 257 (65535 -> 255). I (32-bit): 0..255 as is (what Pillow's own convert("I") gives),
+    else 0..65535 as 16-bit, else stretched from its min..max. F (float): 0..1 scaled by 255, else
+    0..255 as is, else stretched; NaN or infinite pixels are refused.
+    """
+    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+        return image.convert("RGB")
+    values = np.asarray(image).astype(np.float64)
+    if not np.isfinite(values).all():
+        raise MediaError(f"image '{file}' has NaN or infinite pixel values; re-save it as an 8- or 16-bit PNG")
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode.startswith("I;16") or (image.mode == "I" and low >= 0 and 255 < high <= 65535):
+        gray = values / 257.0
+    elif image.mode == "F" and low >= 0 and high <= 1:
+        gray = values * 255.0
+    elif low >= 0 and high <= 255:
+        gray = values
+    else:
+        gray = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+    return Image.fromarray(np.round(gray).astype(np.uint8)).convert("RGB")
 
 
 def iter_decoded_frames(file: Path, rotation: int) -> Iterator[np.ndarray]:

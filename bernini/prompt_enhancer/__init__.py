@@ -10,6 +10,7 @@ from bernini.prompt_enhancer.enhancer import (
     PromptEnhancerError,
     backoff_delay,
 )
+from bernini.prompt_enhancer.errors import PEConfigError
 from bernini.prompt_enhancer.messages import build_messages
 from bernini.prompt_enhancer.settings import (
     DEFAULT_MODEL,
@@ -25,6 +26,6 @@ from bernini.prompt_enhancer.settings import (
 
 __all__ = [
     "DEFAULT_MODEL", "FRAMES_PER_VIDEO", "MAX_BACKOFF_S", "MAX_COMPLETION_TOKENS", "NO_KEY_ERROR", "ON_ERROR_CHOICES",
-    "ClientFactory", "PEResult", "PESettings", "PEStatus", "PromptEnhancer", "PromptEnhancerError", "backoff_delay",
+    "ClientFactory", "PEConfigError", "PEResult", "PESettings", "PEStatus", "PromptEnhancer", "PromptEnhancerError", "backoff_delay",
     "build_messages", "cache_key", "default_cache_dir", "resolve_model",
 ]

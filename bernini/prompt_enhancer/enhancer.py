@@ -19,6 +19,7 @@ from bernini.pe_templates import (
 )
 from bernini.prompt_enhancer.attachments import _MediaPlan, _plan_media
 from bernini.prompt_enhancer.cache import _PromptCache, cache_key
+from bernini.prompt_enhancer.errors import PromptEnhancerError
 from bernini.prompt_enhancer.messages import (
     _BadAnswerError,
     _messages_for,
@@ -43,10 +44,6 @@ _RETRYABLE_4XX = frozenset({408, 409, 429})
 _MAX_ERROR_CHARS = 500
 
 ClientFactory = Callable[[str, "str | None", float], Any]
-
-
-class PromptEnhancerError(RuntimeError):
-    """Prompt enhancement failed and the settings say not to fall back to the raw prompt."""
 
 
 def _redact(text: str, secret: str | None) -> str:

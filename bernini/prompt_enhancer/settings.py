@@ -8,8 +8,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from bernini.pe_templates import TEMPLATE_VERSION
+from bernini.prompt_enhancer.errors import PEConfigError
 
 DEFAULT_MODEL = "gpt-5.4-2026-03-05"
 MAX_BACKOFF_S = 8.0
@@ -55,7 +57,7 @@ class PESettings:
     timeout_s: float = 60.0
     max_attempts: int = 4
     backoff_s: float = 1.0  # doubled after every failed attempt, capped at MAX_BACKOFF_S
-    on_error: str = "raw"  # "raw": fall back to the user's prompt; "fail": raise PromptEnhancerError
+    on_error: str = "raw"  # "raw": fall back to the user's prompt; "fail": raise PromptEnhancerError (a failed case)
     cache_dir: Path | None = None
 
     def __post_init__(self) -> None:
@@ -69,6 +71,27 @@ class PESettings:
             raise ValueError(f"backoff_s must be >= 0, got {self.backoff_s!r}")
         if self.cache_dir is not None and not isinstance(self.cache_dir, Path):
             object.__setattr__(self, "cache_dir", Path(self.cache_dir))  # accept str paths
+
+    def check_ready(self) -> None:
+        """PEConfigError unless a request could be made: key present, URL and model usable, cache a folder.
+
+        Run before any model loads, so `--use_pe` never fails once per case after the 11 GB encoder loaded.
+        The key itself is only checked for presence and never appears in a message.
+        """
+        if _first_env(_KEY_ENVS) is None:
+            raise PEConfigError(f"--use_pe: {NO_KEY_ERROR} (or run without --use_pe)")
+        base_url = _first_env(_BASE_URL_ENVS)
+        if base_url is not None:
+            parts = urlsplit(base_url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                env = next(name for name in _BASE_URL_ENVS if os.environ.get(name, "").strip())
+                raise PEConfigError(f"--use_pe: ${env} must be an http(s) URL such as https://api.openai.com/v1, got {base_url!r}")
+        if self.model is not None and not self.model.strip():
+            raise PEConfigError(f"--use_pe: the model name is blank; pass --pe_model NAME or set ${_MODEL_ENV} (default {DEFAULT_MODEL})")
+        if self.cache_dir is not None:
+            blocker = next((p for p in [self.cache_dir, *self.cache_dir.parents] if p.exists()), None)
+            if blocker is not None and not blocker.is_dir():
+                raise PEConfigError(f"--use_pe: the prompt cache {self.cache_dir} cannot be a folder because {blocker} is a file; set ${_CACHE_ENV} to a folder")
 
     @classmethod
     def from_env(cls, model: str | None = None, **overrides: Any) -> PESettings:

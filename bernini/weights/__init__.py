@@ -1,6 +1,6 @@
 """Locate Bernini-R / Wan2.2 checkpoints and load their safetensors into meta-device modules."""
 
-from bernini.weights.errors import MAX_EXAMPLES, WeightsError, first_line
+from bernini.weights.errors import MAX_EXAMPLES, CheckpointError, WeightsError, first_line
 from bernini.weights.identity import checkpoint_identity, identity_files
 from bernini.weights.keys import (
     EMA_PREFIX,
@@ -41,6 +41,7 @@ from bernini.weights.load import (
 )
 from bernini.weights.locate import (
     INDEX_NAMES,
+    PICKLE_ADVICE,
     PICKLE_SUFFIXES,
     REPO_ID_PATTERN,
     TensorRef,
@@ -53,6 +54,7 @@ from bernini.weights.locate import (
     find_safetensors,
     hub_cache_dir,
     hub_offline,
+    looks_like_pickled,
     looks_like_repo_id,
     patterns_for,
     pickle_message,
@@ -61,8 +63,10 @@ from bernini.weights.locate import (
     resolve_model_dir,
     try_snapshot,
 )
+from bernini.weights.check import check_expert, expected_tensors, expert_key_sources, preflight, read_config
 
 __all__ = [
+    "PICKLE_ADVICE", "CheckpointError", "check_expert", "expected_tensors", "expert_key_sources", "looks_like_pickled", "preflight", "read_config",
     "DEFAULT_KEEP_FP32", "EMA_PREFIX", "EXPERT_PREFIXES", "EXPERT_SUBFOLDERS", "INDEX_NAMES", "MAX_EXAMPLES",
     "NAMESPACE_PREFIXES", "PICKLE_SUFFIXES", "REPO_ID_PATTERN", "LoadReport", "Slot", "Source", "TensorRef",
     "WeightsError", "as_source_list", "assign_tensors", "cast_tensor", "check_shapes", "check_unsaved_buffers",

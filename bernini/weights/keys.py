@@ -6,7 +6,7 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-from bernini.weights.errors import WeightsError
+from bernini.weights.errors import CheckpointError, WeightsError
 from bernini.weights.locate import (
     TensorRef,
     find_index,
@@ -85,10 +85,13 @@ def find_expert_tensors(path_or_id: str | Path, expert: str) -> dict[str, Tensor
     selected = select_expert_keys(files, expert)
     if not selected:
         examples = ", ".join(sorted(files)[:3])
-        raise WeightsError(
+        other = next(name for name in EXPERT_PREFIXES if name != expert)
+        hint = "is this the other expert's folder?"
+        if select_expert_keys(files, other):
+            hint = f"it holds the {other}-noise expert's keys: --high_noise_ckpt and --low_noise_ckpt look swapped"
+        raise CheckpointError(
             f"{folder} holds no {expert}-noise expert weights: expected keys under one of "
-            f"{', '.join(repr(p) for p in EXPERT_PREFIXES[expert])} (optionally 'ema.'-prefixed), found e.g. {examples}; "
-            "is this the other expert's folder?"
+            f"{', '.join(repr(p) for p in EXPERT_PREFIXES[expert])} (optionally 'ema.'-prefixed), found e.g. {examples}; {hint}"
         )
     return {model_key: (files[file_key], file_key) for model_key, file_key in selected.items()}
 

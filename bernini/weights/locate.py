@@ -12,7 +12,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from bernini.weights.errors import MAX_EXAMPLES, WeightsError, first_line
+from bernini.weights.errors import MAX_EXAMPLES, CheckpointError, WeightsError, first_line
 
 logger = logging.getLogger(__package__)  # "bernini.weights" in every module, as log lines always read
 
@@ -131,7 +131,7 @@ def find_in_file(path: Path) -> dict[str, Path]:
     if path.suffix == ".safetensors":
         return {key: path for key in read_header_keys(path)}
     if path.suffix in PICKLE_SUFFIXES:
-        raise WeightsError(pickle_message(path, [path]))
+        raise CheckpointError(pickle_message(path, [path]))
     raise WeightsError(
         f"{path} is neither a .safetensors file nor a *.safetensors.index.json; pass one of those or their folder"
     )
@@ -144,12 +144,13 @@ def find_in_directory(directory: Path) -> dict[str, Path]:
         return read_index(index)
     files = sorted(directory.glob("*.safetensors"))
     if not files:
-        raise WeightsError(empty_directory_message(directory))
+        error = CheckpointError if any(p.suffix in PICKLE_SUFFIXES for p in directory.iterdir()) else WeightsError
+        raise error(empty_directory_message(directory))
     mapping: dict[str, Path] = {}
     for file in files:
         for key in read_header_keys(file):
             if key in mapping:
-                raise WeightsError(
+                raise CheckpointError(
                     f"tensor {key} is in both {mapping[key].name} and {file.name} in {directory} "
                     "(two variants side by side?); pass the one .safetensors file or index json to load"
                 )
@@ -183,15 +184,17 @@ def empty_directory_message(directory: Path) -> str:
     )
 
 
+PICKLE_ADVICE = (
+    "bernini loads only .safetensors, because unpickling can run arbitrary code. Convert a file you trust once with: "
+    "python -c \"import torch, safetensors.torch as st; sd = torch.load('IN.bin', map_location='cpu', weights_only=True); "
+    "st.save_file({k: v.contiguous() for k, v in sd.items()}, 'OUT.safetensors')\""
+)
+
+
 def pickle_message(where: Path, pickles: Sequence[Path]) -> str:
     """Refusal for pickle checkpoints, with the conversion recipe."""
     names = ", ".join(path.name for path in pickles[:MAX_EXAMPLES])
-    return (
-        f"{where} only has pickle checkpoints ({names}); bernini loads only .safetensors, because unpickling "
-        "can run arbitrary code. Convert a file you trust once with: python -c \"import torch, safetensors.torch as st; "
-        "sd = torch.load('IN.bin', map_location='cpu', weights_only=True); "
-        "st.save_file({k: v.contiguous() for k, v in sd.items()}, 'OUT.safetensors')\""
-    )
+    return f"{where} only has pickle checkpoints ({names}); {PICKLE_ADVICE}"
 
 
 def read_index(index: Path) -> dict[str, Path]:
@@ -199,20 +202,20 @@ def read_index(index: Path) -> dict[str, Path]:
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise WeightsError(f"cannot read the weight_map of {index} ({first_line(error)}); re-download it") from error
+        raise CheckpointError(f"cannot read the weight_map of {index} ({first_line(error)}); re-download it") from error
     if not isinstance(weight_map, dict) or not weight_map:
-        raise WeightsError(f"{index} has an empty or malformed weight_map; re-download it")
+        raise CheckpointError(f"{index} has an empty or malformed weight_map; re-download it")
     mapping = {key: index.parent / shard for key, shard in weight_map.items()}
     by_file: dict[Path, list[str]] = defaultdict(list)
     for key, file in mapping.items():
         by_file[file].append(key)
     for file, keys in sorted(by_file.items()):
         if not file.is_file():
-            raise WeightsError(f"shard {file.name} named by {index} is missing from {index.parent}; re-download it")
+            raise CheckpointError(f"shard {file.name} named by {index} is missing from {index.parent}; re-download it")
         present = set(read_header_keys(file))
         absent = [key for key in keys if key not in present]
         if absent:
-            raise WeightsError(
+            raise CheckpointError(
                 f"{index} says {absent[0]} is in {file.name}, but that file lacks it "
                 f"({len(absent)} such keys); the shards and the index disagree: re-download them"
             )
@@ -220,12 +223,24 @@ def read_index(index: Path) -> dict[str, Path]:
 
 
 def read_header_keys(file: Path) -> list[str]:
-    """Open only the header of a safetensors file; a truncated or corrupt one raises WeightsError."""
+    """Open only the header of a safetensors file; a truncated, corrupt or pickled one raises CheckpointError."""
     try:
         with safe_open(str(file), framework="pt") as handle:
             return list(handle.keys())
     except (SafetensorError, OSError) as error:
-        raise WeightsError(
+        if looks_like_pickled(file):
+            raise CheckpointError(f"{file} is named .safetensors but holds a pickle (torch.save output); {PICKLE_ADVICE}") from error
+        raise CheckpointError(
             f"{file} is not a readable safetensors file ({first_line(error)}); "
             "it is probably truncated or corrupt: re-download it"
         ) from error
+
+
+def looks_like_pickled(file: Path) -> bool:
+    """torch.save output: a zip archive (PK) or a raw pickle (protocol byte 0x80)."""
+    try:
+        with file.open("rb") as handle:
+            head = handle.read(4)
+    except OSError:
+        return False
+    return head.startswith((b"PK\x03\x04", b"\x80"))
