@@ -64,7 +64,7 @@ def create_app(service: JobService, access: Access, device: torch.device | None 
                            headers={"Connection": "close"}) from None
         except BadBody as exc:
             shutil.rmtree(folder, ignore_errors=True)
-            raise ApiError(exc.status, str(exc), code="invalid_body") from None
+            raise ApiError(exc.status, service.redact(str(exc)), code="invalid_body") from None
         except BaseException:  # the client went away mid-upload, or a bug: its files go
             shutil.rmtree(folder, ignore_errors=True)
             raise

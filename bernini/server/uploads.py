@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_plus
 
 from python_multipart.multipart import Field, File, FormParser, parse_options_header
 
@@ -79,11 +80,11 @@ async def read_body(content_type: str, length: str | None, stream: AsyncIterator
     """Read a POST body; files land in `folder` (created here). BodyTooLarge, BadBody."""
     if length is not None and length.isdigit() and int(length) > max_bytes:
         raise BodyTooLarge(max_bytes)  # refused before a byte is read
-    kind, _ = parse_options_header(content_type or "")
+    kind, params = parse_options_header(content_type or "")
     kind_text = kind.decode("latin-1").lower()
     counter = _Counter(max_bytes)
     if kind_text in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        return await _read_form(content_type, stream, folder, counter)
+        return await _read_form(kind_text, params.get(b"boundary"), stream, folder, counter)
     if kind_text in ("application/json", ""):
         data = bytearray()
         async for chunk in stream:
@@ -93,19 +94,21 @@ async def read_body(content_type: str, length: str | None, stream: AsyncIterator
     raise BadBody(f"content type {kind_text!r} is not accepted; send application/json or multipart/form-data", status=415)
 
 
-async def _read_form(content_type: str, stream: AsyncIterator[bytes], folder: Path, counter: _Counter) -> Body:
+async def _read_form(kind: str, boundary: bytes | None, stream: AsyncIterator[bytes], folder: Path, counter: _Counter) -> Body:
     # Starlette's own form parser spools big uploads to the system temp folder and reads the whole body before
     # a cap could apply; python-multipart's parser, fed here chunk by chunk, writes each file straight into
     # the job's folder and lets the cap stop the upload mid-stream.
     folder.mkdir(parents=True, exist_ok=True)
     body = Body()
     parts = 0
+    # python-multipart hands url-encoded fields over still encoded ('+', %XX); multipart fields are raw.
+    decode = unquote_plus if kind == "application/x-www-form-urlencoded" else (lambda text: text)
 
     def on_field(item: Field) -> None:
         nonlocal parts
         parts += 1
-        name = field_name((item.field_name or b"").decode("utf-8", "replace"))
-        add_value(body, name, (item.value or b"").decode("utf-8", "replace"), folder, parts)
+        name = field_name(decode((item.field_name or b"").decode("utf-8", "replace")))
+        add_value(body, name, decode((item.value or b"").decode("utf-8", "replace")), folder, parts)
 
     def on_file(item: File) -> None:
         nonlocal parts
@@ -121,13 +124,12 @@ async def _read_form(content_type: str, stream: AsyncIterator[bytes], folder: Pa
         item.close()
         body.add_file(name, Upload(target, target.name))
 
-    kind, params = parse_options_header(content_type)
     config = {
         "UPLOAD_DIR": str(folder), "UPLOAD_DELETE_TMP": False, "UPLOAD_KEEP_FILENAME": False, "MAX_MEMORY_FILE_SIZE": 0,
         "MAX_FIELDS": MAX_PARTS, "MAX_FIELD_SIZE": MAX_FIELD_BYTES,
     }
     try:
-        parser = FormParser(kind.decode("latin-1").lower(), on_field, on_file, boundary=params.get(b"boundary"), config=config)
+        parser = FormParser(kind, on_field, on_file, boundary=boundary, config=config)
         async for chunk in stream:
             counter.add(len(chunk))
             parser.write(chunk)
@@ -136,7 +138,7 @@ async def _read_form(content_type: str, stream: AsyncIterator[bytes], folder: Pa
         parser.finalize()
     except (BodyTooLarge, BadBody):
         raise
-    except Exception as exc:  # python-multipart's parse errors name no server path
+    except Exception as exc:  # a malformed body (python-multipart's errors); the caller redacts server paths
         raise BadBody(f"the multipart body cannot be read ({exc})") from None
     return body
 

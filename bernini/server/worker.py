@@ -64,7 +64,6 @@ class Worker:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self.current: str | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="bernini-worker", daemon=True)
@@ -91,14 +90,12 @@ class Worker:
                 self._wake.wait(IDLE_WAIT_S)
                 self._wake.clear()
                 continue
-            self.current = row.id
             try:
                 self._run(row)
             except Exception:  # a bug must not kill the only worker; the job fails, the next one runs
                 log.exception("job %s: unexpected error", row.id)
+                self.folders.remove_outputs(row.id)
                 self.store.fail(row.id, "server_error", "the server failed this job unexpectedly; see its log")
-            finally:
-                self.current = None
 
     def _run(self, row: JobRow) -> None:
         self.folders.remove_outputs(row.id)  # an earlier attempt's files (a crash mid-render) are never kept
