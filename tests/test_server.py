@@ -264,7 +264,7 @@ class Recording:
 
 
 class Harness:
-    def __init__(self, loaded: tuple[Any, Renderer], root: Path, limits: auth.Limits = auth.Limits(), access: auth.Access = auth.Access()) -> None:
+    def __init__(self, loaded: tuple[Any, Renderer], root: Path, limits: auth.Limits | None = None) -> None:
         sources, renderer = loaded
         self.folders = ServerFolders.create(root)
         self.store = JobStore(self.folders.database)
@@ -272,8 +272,8 @@ class Harness:
         self.renderer = Recording(JobRenderer(renderer.render, model_identity(sources), options, None, renderer.load_seconds, renderer.device))
         redact = Redactor(self.folders, [sources.config_dir])
         self.worker = Worker(self.store, self.folders, self.renderer, redact)  # type: ignore[arg-type]
-        self.service = JobService(self.store, self.folders, TINY_SETTINGS, limits, "bernini-r", redact, None)
-        self.app = create_app(self.service, access)
+        self.service = JobService(self.store, self.folders, TINY_SETTINGS, limits or auth.Limits(), "bernini-r", redact, None)
+        self.app = create_app(self.service, auth.Access())
         self.http = TestClient(self.app, raise_server_exceptions=False)
         self.root = root
 

@@ -161,6 +161,9 @@ def _place_reference(case: dict[str, Any], upload: Upload) -> None:
     slot = ("image" if task.image else "images" if task.images[1] else None) if image else ("video" if task.videos[1] else None)
     if slot is None:
         raise fail("input_reference", f"task {task.name!r} takes no {'image' if image else 'video'} input")
-    if slot in case:
+    if slot == "images":  # the first reference; more may come as 'images'
+        case["images"] = [str(upload.path), *case.get("images", [])]
+    elif slot in case:
         raise fail("input_reference", f"the task's {slot!r} is already given; send the file once, as {slot!r} or as input_reference")
-    case[slot] = str(upload.path) if slot == "image" else [str(upload.path)]
+    else:
+        case[slot] = str(upload.path) if slot == "image" else [str(upload.path)]

@@ -24,7 +24,7 @@ class ServerFolders:
     root: Path
 
     @classmethod
-    def create(cls, root: Path) -> "ServerFolders":
+    def create(cls, root: Path) -> ServerFolders:
         folders = cls(Path(root).expanduser().resolve())
         for folder in (folders.root, folders.uploads, folders.videos):
             folder.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def _family(lines: list[str], name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+    """One metric family; each sample is (what follows the name: '', '{label="x"}' or '_sum', value)."""
     lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-    lines += [f"{name}{labels} {value:g}" if isinstance(value, float) else f"{name}{labels} {value}" for labels, value in samples]
+    lines += [f"{name}{tail} {value:g}" if isinstance(value, float) else f"{name}{tail} {value}" for tail, value in samples]
 
 
 def render_metrics(store: JobStore, device: torch.device | None, worker_alive: bool) -> str:

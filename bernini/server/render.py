@@ -1,8 +1,8 @@
 """The one place a job is rendered: through the CLI's BatchRunner (atomic write, sidecar), by every rank of the launch.
 
 `JobRenderer.render_here` is the seam: when `bernini.engine.Engine` lands, its body becomes
-`engine.render(case, settings=job.settings, output=job.plan.output, write=..., on_step=...)` and nothing
-else in the server changes.
+`engine.render(job.case_data, settings=job.settings, output=job.plan.output, write=self.options.write_outputs,
+on_step=steps.step_event)` and nothing else in the server changes.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class RenderJob:
     """A job as every rank renders it: planned once on rank 0 (media probed, sizes resolved) and sent as is."""
 
     job_id: str
+    case_data: dict[str, Any]  # the case-file object (media as absolute paths)
     case: Case
     plan: CasePlan
     settings: GenerationSettings
@@ -57,7 +58,7 @@ def plan_job(job_id: str, case_data: Mapping[str, Any], settings: GenerationSett
     """Check a case-file object exactly as the CLI checks a case file, and plan it into out_dir/<job id>.mp4|.png; CaseError says what is wrong."""
     case = parse_case(dict(case_data), source=SOURCE, name=job_id, base=None)
     case = replace(case, output=out_dir / f"{job_id}{output_suffix(case)}", explicit_output=True)
-    return RenderJob(job_id, case, plan_case(case, settings), settings)
+    return RenderJob(job_id, dict(case_data), case, plan_case(case, settings), settings)
 
 
 # ---------------------------------------------------------------- ranks
@@ -125,6 +126,10 @@ class _Steps:
         pass
 
     def step(self, index: int, total: int, case: Case, event: StepEvent) -> None:
+        self.step_event(event)
+
+    def step_event(self, event: StepEvent) -> None:
+        """An on_step callback (Engine.render's): raises Stopped between steps when told to stop."""
         if self.stop():
             raise Stopped(f"stopped after step {event.index + 1}/{event.total}; nothing was saved")
         self.report(event)
@@ -161,7 +166,8 @@ class JobRenderer:
         return self.render_here(job, report, lambda: self.peers.agree(should_stop()))
 
     def render_here(self, job: RenderJob, report: Report, stop: Callable[[], bool]) -> Rendered:
-        runner = BatchRunner(self._render, job.settings, self.options, self.identity, None, _Steps(report, stop), self.load_seconds)
+        steps = _Steps(report, stop)
+        runner = BatchRunner(self._render, job.settings, self.options, self.identity, None, steps, self.load_seconds)
         with self._on_device():
             record = runner.run_case(1, 1, job.case, job.plan)
         return Rendered(record.status == "ok", record.error, Path(job.plan.output), dict(record.timings))

@@ -62,7 +62,7 @@ class JobRow:
     seconds: float | None
 
     @classmethod
-    def from_row(cls, row: tuple[Any, ...]) -> "JobRow":
+    def from_row(cls, row: tuple[Any, ...]) -> JobRow:
         (id_, status, progress, created, completed, spec, info, error, key, digest, remixed, attempts, deleted, seconds) = row
         return cls(id_, status, progress, created, completed, json.loads(spec), json.loads(info), json.loads(error) if error else None,
                    key, digest, remixed, attempts, bool(deleted), seconds)

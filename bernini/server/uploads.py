@@ -56,7 +56,7 @@ class Body:
 
 def field_name(raw: str) -> str:
     """The openai SDK sends lists as `images[]` and objects as `input_reference[image_url]`."""
-    return raw[:-2] if raw.endswith("[]") else raw
+    return raw.removesuffix("[]")
 
 
 def safe_name(name: str, index: int) -> str:
