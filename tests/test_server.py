@@ -20,6 +20,7 @@ from typing import Any
 import av
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 pytest.importorskip("fastapi", reason="the job server needs fastapi (requirements.txt)")
@@ -273,7 +274,7 @@ class Harness:
         redact = Redactor(self.folders, [sources.config_dir])
         self.worker = Worker(self.store, self.folders, self.renderer, redact)  # type: ignore[arg-type]
         self.service = JobService(self.store, self.folders, TINY_SETTINGS, limits or auth.Limits(), "bernini-r", redact, None)
-        self.app = create_app(self.service, auth.Access())
+        self.app = create_app(self.service, auth.Access(), renderer.device)
         self.http = TestClient(self.app, raise_server_exceptions=False)
         self.root = root
 
@@ -441,6 +442,23 @@ def test_a_deleted_running_job_stops_at_its_next_step(harness: Harness) -> None:
     assert harness.wait(after["id"])["status"] == "completed"  # the worker goes on
 
 
+def test_shutdown_mid_render_queues_the_job_again(harness: Harness) -> None:
+    stopper: list[threading.Thread] = []
+
+    def stop_at_first_step(job_id: str, event: Any) -> None:
+        if event.index == 0 and not stopper:  # Worker.stop joins the worker thread: call it from another one
+            stopper.append(threading.Thread(target=harness.worker.stop))
+            stopper[0].start()
+
+    harness.renderer.on_step = stop_at_first_step
+    job = harness.post("/v1/videos", json={"prompt": "interrupted", "num_inference_steps": 6}).json()
+    harness.start_worker()
+    wait_until(lambda: stopper and not stopper[0].is_alive() and not harness.worker.alive, 60, "the worker to stop")
+    assert "stopped after step" in (harness.renderer.results[job["id"]].error or "")
+    assert harness.http.get(f"/v1/videos/{job['id']}").json()["status"] == "queued"  # it runs again at the next start
+    assert not harness.folders.outputs_of(job["id"])
+
+
 def test_content_waits_for_completion_then_serves_mp4_png_and_thumbnail(harness: Harness) -> None:
     video = harness.post("/v1/videos", data={"prompt": "a boat"}).json()
     image = harness.post("/v1/videos", data={"prompt": "a cat", "task_type": "t2i"}).json()
@@ -486,6 +504,20 @@ def test_failed_render_reports_a_message_without_server_paths(harness: Harness, 
     done = harness.wait(job["id"])
     assert done["status"] == "failed" and done["error"]["code"] == "render_failed"
     assert done["error"]["message"] == f"output '<data>/videos/{job['id']}.mp4' could not be written (disk full)"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_job_completes_and_metrics_report_gpu_memory(config: str, tmp_path: Path) -> None:
+    sources = resolve_sources(config)
+    h = Harness((sources, Renderer.load(sources, RuntimeConfig(device="cuda", dtype="bfloat16", compile=False))), tmp_path / "data")
+    try:
+        job = h.post("/v1/videos", json={"prompt": "a red cat", "task_type": "t2i"}).json()
+        h.start_worker()
+        assert h.wait(job["id"])["status"] == "completed"
+        metrics = h.http.get("/metrics").text
+        assert re.search(r'bernini_gpu_memory_bytes\{kind="max_allocated",device="cuda:\d+"\} [1-9]', metrics), metrics
+    finally:
+        h.close()
 
 
 # ---------------------------------------------------------------- who may call

@@ -26,8 +26,9 @@ def render_metrics(store: JobStore, device: torch.device | None, worker_alive: b
             [("_sum", float(seconds)), ("_count", done)])
     _family(lines, "bernini_worker_up", "gauge", "1 while the render worker runs.", [("", int(worker_alive))])
     if device is not None and device.type == "cuda":
-        memory = [("allocated", torch.cuda.memory_allocated(device)), ("reserved", torch.cuda.memory_reserved(device)),
-                  ("max_allocated", torch.cuda.max_memory_allocated(device))]
+        index = device.index if device.index is not None else torch.cuda.current_device()  # "cuda" alone names no index
+        memory = [("allocated", torch.cuda.memory_allocated(index)), ("reserved", torch.cuda.memory_reserved(index)),
+                  ("max_allocated", torch.cuda.max_memory_allocated(index))]
         _family(lines, "bernini_gpu_memory_bytes", "gauge", "GPU memory of this process (rank 0's device).",
-                [(f'{{kind="{k}",device="{device}"}}', v) for k, v in memory])
+                [(f'{{kind="{k}",device="cuda:{index}"}}', v) for k, v in memory])
     return "\n".join(lines) + "\n"
