@@ -79,7 +79,6 @@ def bind(access: Access) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise ValueError(f"cannot listen on {access.host}:{access.port} ({exc.strerror or exc}); pick another --port or stop what uses it") from None
-    sock.set_inheritable(True)
     return sock
 
 
