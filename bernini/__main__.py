@@ -1,4 +1,4 @@
-"""`python -m bernini doctor | make-tiny DIR | run [flags]`: the toolkit's commands."""
+"""`python -m bernini doctor | make-tiny DIR | run [flags] | serve [flags]`: the toolkit's commands."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ USAGE = """usage: python -m bernini COMMAND [ARGS]
 commands:
   doctor [--config X] [--json]   report Python, torch, GPUs, attention backends, codecs, packages, config
   make-tiny DIR [--seed N]       write tiny random-weight checkpoints for tests
-  run [FLAGS]                    render cases on one GPU (the flags of infer_single_gpu.py)"""
+  run [FLAGS]                    render cases on one GPU (the flags of infer_single_gpu.py)
+  serve [FLAGS]                  the /v1/videos job server (model flags as run; --host, --port, --data_dir)"""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -28,6 +29,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bernini.main import main as run
 
         return run(args[1:], prog="python -m bernini run")
+    if command == "serve":
+        from bernini.server.launch import main as serve
+
+        return serve(args[1:], prog="python -m bernini serve")
     print(USAGE, file=sys.stdout if command in ("-h", "--help") else sys.stderr)
     return 0 if command in ("-h", "--help") else 2
 

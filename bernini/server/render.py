@@ -1,0 +1,186 @@
+"""The one place a job is rendered: through the CLI's BatchRunner (atomic write, sidecar), by every rank of the launch.
+
+`JobRenderer.render_here` is the seam: when `bernini.engine.Engine` lands, its body becomes
+`engine.render(job.case_data, settings=job.settings, output=job.plan.output, write=self.options.write_outputs,
+on_step=steps.step_event)` and nothing else in the server changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from bernini.cases import Case, CaseError, parse_case
+from bernini.config import GenerationSettings
+from bernini.parallel.groups import Groups
+from bernini.plan import CasePlan, plan_case
+from bernini.runner import BatchOptions, BatchRunner, CaseRecord
+from bernini.sampling import StepEvent
+from bernini.server.fields import SOURCE
+
+Report = Callable[[StepEvent], None]
+
+
+class Stopped(CaseError):
+    """A render stopped between steps (the job was deleted, or the server is stopping); nothing was saved."""
+
+
+@dataclass(frozen=True)
+class RenderJob:
+    """A job as every rank renders it: planned once on rank 0 (media probed, sizes resolved) and sent as is."""
+
+    job_id: str
+    case_data: dict[str, Any]  # the case-file object (media as absolute paths)
+    case: Case
+    plan: CasePlan
+    settings: GenerationSettings
+
+
+@dataclass(frozen=True)
+class Rendered:
+    ok: bool
+    error: str | None
+    output: Path
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def output_suffix(case: Case) -> str:
+    return ".png" if case.task.single_frame else ".mp4"
+
+
+def plan_job(job_id: str, case_data: Mapping[str, Any], settings: GenerationSettings, out_dir: Path) -> RenderJob:
+    """Check a case-file object exactly as the CLI checks a case file, and plan it into out_dir/<job id>.mp4|.png; CaseError says what is wrong."""
+    case = parse_case(dict(case_data), source=SOURCE, name=job_id, base=None)
+    case = replace(case, output=out_dir / f"{job_id}{output_suffix(case)}", explicit_output=True)
+    return RenderJob(job_id, dict(case_data), case, plan_case(case, settings), settings)
+
+
+# ---------------------------------------------------------------- ranks
+
+
+class Peers(Protocol):
+    """The other ranks of a torchrun launch: rank 0 sends each job; all agree each step on stopping."""
+
+    def send(self, job: RenderJob | None) -> None: ...
+
+    def receive(self) -> RenderJob | None: ...
+
+    def agree(self, stop: bool) -> bool: ...
+
+
+class LocalPeers:
+    """One process: nobody to tell."""
+
+    def send(self, job: RenderJob | None) -> None:
+        pass
+
+    def receive(self) -> RenderJob | None:
+        return None
+
+    def agree(self, stop: bool) -> bool:
+        return stop
+
+
+class GroupPeers:
+    """Ranks of one model group (the demo's DistPeers, for server jobs): jobs on the control group, stop flags on the model group."""
+
+    def __init__(self, groups: Groups) -> None:
+        self.groups = groups
+
+    def send(self, job: RenderJob | None) -> None:
+        dist.broadcast_object_list([job], src=0, group=self.groups.control)
+
+    def receive(self) -> RenderJob | None:
+        box: list[RenderJob | None] = [None]
+        dist.broadcast_object_list(box, src=0, group=self.groups.control)
+        return box[0]
+
+    def agree(self, stop: bool) -> bool:
+        # Every rank leaves the render at the same step, or the others would wait in a collective.
+        flag = [stop]
+        dist.broadcast_object_list(flag, src=0, group=self.groups.model)
+        return bool(flag[0])
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _ignore(event: StepEvent) -> None:
+    pass
+
+
+class _Steps:
+    """runner.Progress for one job: stop between steps when told, else report the step."""
+
+    def __init__(self, report: Report, stop: Callable[[], bool]) -> None:
+        self.report = report
+        self.stop = stop
+
+    def case_started(self, index: int, total: int, case: Case, plan: CasePlan) -> None:
+        pass
+
+    def step(self, index: int, total: int, case: Case, event: StepEvent) -> None:
+        self.step_event(event)
+
+    def step_event(self, event: StepEvent) -> None:
+        """An on_step callback (Engine.render's): raises Stopped between steps when told to stop."""
+        if self.stop():
+            raise Stopped(f"stopped after step {event.index + 1}/{event.total}; nothing was saved")
+        self.report(event)
+
+    def case_finished(self, index: int, total: int, record: CaseRecord) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class JobRenderer:
+    """Renders planned jobs with a loaded renderer; rank 0 calls render(), the other ranks serve_peer()."""
+
+    def __init__(
+        self,
+        render: Callable[..., Any],
+        identity: dict[str, Any],
+        options: BatchOptions,
+        peers: Peers | None = None,
+        load_seconds: float | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        self._render = render
+        self.identity = identity
+        self.options = options
+        self.peers = peers or LocalPeers()
+        self.load_seconds = load_seconds
+        self.device = device
+
+    def render(self, job: RenderJob, report: Report, should_stop: Callable[[], bool]) -> Rendered:
+        """Rank 0: share the job with the other ranks, then render it with them; should_stop is asked after every step."""
+        self.peers.send(job)
+        return self.render_here(job, report, lambda: self.peers.agree(should_stop()))
+
+    def render_here(self, job: RenderJob, report: Report, stop: Callable[[], bool]) -> Rendered:
+        steps = _Steps(report, stop)
+        runner = BatchRunner(self._render, job.settings, self.options, self.identity, None, steps, self.load_seconds)
+        with self._on_device():
+            record = runner.run_case(1, 1, job.case, job.plan)
+        return Rendered(record.status == "ok", record.error, Path(job.plan.output), dict(record.timings))
+
+    def serve_peer(self) -> None:
+        """Ranks > 0: render what rank 0 sends until it sends None."""
+        while (job := self.peers.receive()) is not None:
+            self.render_here(job, _ignore, lambda: self.peers.agree(False))
+
+    def close(self) -> None:
+        """Release the other ranks (rank 0, once no job runs)."""
+        self.peers.send(None)
+
+    def _on_device(self) -> AbstractContextManager[Any]:
+        # The worker thread's current CUDA device is 0 whatever the renderer's is.
+        return torch.cuda.device(self.device) if self.device is not None and self.device.type == "cuda" else nullcontext()
