@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/x.py`: the root holds benchmarks/ and bernini/
 
 import torch
 
+from benchmarks.common import A14B, device_name, forward_flops, random_expert, rel_error, time_cuda, write_json
 from bernini import attention
 from bernini.models.rope import rope_tables
 from bernini.models.transformer import FeedForward, compile_blocks, patchify, unpatchify
-from benchmarks.common import A14B, device_name, forward_flops, random_expert, rel_error, time_cuda, write_json
 
 # tokens -> (condition grids, target grid): the layouts the renderer really runs
 LAYOUTS = {
