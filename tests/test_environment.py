@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -56,6 +56,13 @@ def test_python_module_and_console_script_are_one_entry_point(capsys: pytest.Cap
     assert entry(["--help"]) == 0 and "doctor" in capsys.readouterr().out
 
 
+def setuptools_version() -> Version:
+    try:
+        return Version(importlib.metadata.version("setuptools"))
+    except importlib.metadata.PackageNotFoundError:
+        return Version("0")
+
+
 def build_wheel(tmp_path: Path) -> Path:
     """`pip wheel --no-deps .` from a copy of what the wheel needs (a build never writes into the checkout)."""
     source = tmp_path / "src"
@@ -64,7 +71,7 @@ def build_wheel(tmp_path: Path) -> Path:
         shutil.copy2(REPO / name, source / name)
     shutil.copytree(REPO / "bernini", source / "bernini", ignore=shutil.ignore_patterns("__pycache__"))
     command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "-q", "-w", str(tmp_path / "dist"), str(source)]
-    if importlib.util.find_spec("setuptools") is not None:
+    if setuptools_version() >= Version("77"):  # pyproject's `license = "Apache-2.0"` (PEP 639) needs 77
         command.insert(4, "--no-build-isolation")  # build with the installed setuptools: no download needed
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
