@@ -19,12 +19,11 @@ import torch
 
 from bernini import __version__, supported
 
+KERNEL_PACKAGES = ("flash-attn", "flash-attn-3", "flash_attn_3", "flash-attn-cute", "flash-attn-4")  # optional, never required
 PACKAGES = (
     "torch", "diffusers", "transformers", "accelerate", "safetensors", "huggingface_hub", "tokenizers", "av",
-    "numpy", "pillow", "ftfy", "openai", "gradio", "tqdm", "psutil",
-    "flash-attn", "flash-attn-3", "flash_attn_3", "flash-attn-cute", "flash-attn-4",
+    "numpy", "pillow", "ftfy", "openai", "gradio", "tqdm", "psutil", *KERNEL_PACKAGES,
 )
-KERNEL_PACKAGES = ("flash-attn", "flash-attn-3", "flash_attn_3", "flash-attn-cute", "flash-attn-4")  # optional, never required
 ATTENTION_MODULES = {"fa2": "flash_attn", "fa3": "flash_attn_interface", "fa4": "flash_attn.cute"}
 
 
@@ -148,8 +147,7 @@ def check_packages() -> dict[str, str | None]:
 def check_dependencies() -> dict[str, Any]:
     """Each declared dependency against its supported range (pyproject.toml's), with the fix if outside."""
     verdicts = supported.check_installed()
-    source = str(supported.PYPROJECT) if supported.PYPROJECT.is_file() else "the installed bernini's metadata"
-    return {"source": source, "all_supported": all(v.ok for v in verdicts), "packages": [dataclasses.asdict(v) | {"line": v.line(), "ok": v.ok} for v in verdicts]}
+    return {"source": supported.ranges_source(), "all_supported": all(v.ok for v in verdicts), "packages": [dataclasses.asdict(v) | {"line": v.line(), "ok": v.ok} for v in verdicts]}
 
 
 def check_config(config: str) -> dict[str, Any]:

@@ -60,15 +60,27 @@ def requirement_text(verdict: Verdict) -> str:
     return f"{verdict.name}{verdict.spec}"
 
 
+def source_project(pyproject: Path = PYPROJECT) -> dict | None:
+    """The [project] table of bernini's own pyproject.toml, when running from a source checkout."""
+    if not pyproject.is_file():
+        return None
+    project = tomllib.loads(pyproject.read_text(encoding="utf-8")).get("project", {})
+    return project if project.get("name") == "bernini" else None
+
+
+def ranges_source() -> str:
+    """Where supported_ranges() reads from, for reports."""
+    return str(PYPROJECT) if source_project() is not None else "the installed bernini's metadata"
+
+
 def supported_ranges(pyproject: Path = PYPROJECT) -> list[Supported]:
     """Every dependency and extra bernini declares, from pyproject.toml or else the installed metadata."""
-    if pyproject.is_file():
-        project = tomllib.loads(pyproject.read_text(encoding="utf-8")).get("project", {})
-        if project.get("name") == "bernini":
-            found = [Supported(Requirement(text)) for text in project.get("dependencies", [])]
-            for extra, texts in project.get("optional-dependencies", {}).items():
-                found += [Supported(Requirement(text), extra) for text in texts]
-            return found
+    project = source_project(pyproject)
+    if project is not None:
+        found = [Supported(Requirement(text)) for text in project.get("dependencies", [])]
+        for extra, texts in project.get("optional-dependencies", {}).items():
+            found += [Supported(Requirement(text), extra) for text in texts]
+        return found
     try:
         texts = metadata.requires("bernini") or []
     except metadata.PackageNotFoundError:
