@@ -16,10 +16,13 @@ import argparse
 import dataclasses
 import gc
 import logging
+import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/x.py`: the root holds benchmarks/ and bernini/
 
 import torch
 

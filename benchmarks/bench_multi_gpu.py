@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/x.py`: the root holds benchmarks/ and bernini/
 
 import torch
 import torch.distributed as dist
 
+from benchmarks.bench_transformer import LAYOUTS
+from benchmarks.common import A14B, device_name, random_expert, rel_error, time_cuda, write_json
 from bernini import attention
 from bernini.models.rope import rope_tables
 from bernini.models.transformer import LocalSequence, patchify
 from bernini.parallel.groups import all_gather_into
 from bernini.parallel.ulysses import UlyssesSequence
-from benchmarks.bench_transformer import LAYOUTS
-from benchmarks.common import A14B, device_name, random_expert, rel_error, time_cuda, write_json
 
 
 def main() -> None:

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/x.py`: the root holds benchmarks/ and bernini/
+
 import torch
 
+from benchmarks.common import device_name, random_expert, write_json
 from bernini import attention
 from bernini.cases import Case
 from bernini.conditioning import Conditions
@@ -22,7 +26,6 @@ from bernini.models.transformer import compile_blocks
 from bernini.models.vae import VAE
 from bernini.pipeline import ModelSources, Renderer
 from bernini.plan import CasePlan, MediaPlan, latent_grid
-from benchmarks.common import device_name, random_expert, write_json
 
 UMT5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64, vocab_size=256384,
                 feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128)

@@ -20,13 +20,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/x.py`: the root holds benchmarks/ and bernini/
 
 import torch
 
+from benchmarks.common import A14B, device_name, forward_flops, random_expert, rel_error, time_cuda, write_json
 from bernini import attention
 from bernini.models.rope import rope_tables
 from bernini.models.transformer import FeedForward, WanTransformer, compile_blocks, patchify, unpatchify
-from benchmarks.common import A14B, device_name, forward_flops, random_expert, rel_error, time_cuda, write_json
 
 # tokens -> (condition grids, target grid): the layouts the renderer really runs
 LAYOUTS = {
@@ -104,7 +108,7 @@ def main() -> None:
     p.add_argument("--diffusers-backends", nargs="+", default=list(DIFFUSERS_COMPILED_BACKENDS), help="candidates for the compiled peer, best first")
     p.add_argument("--no-diffusers", action="store_true", help="same as --peers with nothing after it")
     p.add_argument("--repeat", type=int, default=2, help="timed calls per row after one warm-up call (median)")
-    p.add_argument("--json", help=f"where the full numbers go (default: $OUT/bench_transformer.json when $OUT is set)")
+    p.add_argument("--json", help="where the full numbers go (default: $OUT/bench_transformer.json when $OUT is set)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/x.py`: the root holds benchmarks/ and bernini/
 
 import torch
 import torch.nn.functional as F

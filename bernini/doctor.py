@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -16,12 +17,12 @@ from typing import Any
 
 import torch
 
-from bernini import __version__
+from bernini import __version__, supported
 
+KERNEL_PACKAGES = ("flash-attn", "flash-attn-3", "flash_attn_3", "flash-attn-cute", "flash-attn-4")  # optional, never required
 PACKAGES = (
     "torch", "diffusers", "transformers", "accelerate", "safetensors", "huggingface_hub", "tokenizers", "av",
-    "numpy", "pillow", "ftfy", "openai", "gradio", "tqdm", "psutil",
-    "flash-attn", "flash-attn-3", "flash_attn_3", "flash-attn-cute", "flash-attn-4",
+    "numpy", "pillow", "ftfy", "openai", "gradio", "tqdm", "psutil", *KERNEL_PACKAGES,
 )
 ATTENTION_MODULES = {"fa2": "flash_attn", "fa3": "flash_attn_interface", "fa4": "flash_attn.cute"}
 
@@ -143,6 +144,12 @@ def check_packages() -> dict[str, str | None]:
     return found
 
 
+def check_dependencies() -> dict[str, Any]:
+    """Each declared dependency against its supported range (pyproject.toml's), with the fix if outside."""
+    verdicts = supported.check_installed()
+    return {"source": supported.ranges_source(), "all_supported": all(v.ok for v in verdicts), "packages": [dataclasses.asdict(v) | {"line": v.line(), "ok": v.ok} for v in verdicts]}
+
+
 def check_config(config: str) -> dict[str, Any]:
     """Does --config resolve offline? Where are base and experts, and what will they weigh?"""
     from bernini import memory
@@ -169,7 +176,7 @@ def collect_report(config: str | None) -> dict[str, Any]:
 
     report = {
         "python": check_python(), "torch": check_torch(), "gpus": check_gpus(), "host_free_gb": None,
-        "attention": check_attention(), "codecs": check_codecs(), "packages": check_packages(),
+        "attention": check_attention(), "codecs": check_codecs(), "packages": check_packages(), "dependencies": check_dependencies(),
     }
     host = memory.host_free_bytes()
     report["host_free_gb"] = None if host is None else round(host / 1e9, 1)
@@ -190,8 +197,13 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"attention on {att['device']}: auto -> {att['auto']}")
     lines += [f"  {name:5} {why}" for name, why in att["backends"].items()]
     lines.append(f"video: PyAV {codecs.get('av')}, encode libx264: {codecs.get('encode_libx264')}, decode h264: {codecs.get('decode_h264')}")
-    lines.append("packages:")
-    lines += [f"  {name:16} {version or 'not installed'}" for name, version in report["packages"].items()]
+    deps = report["dependencies"]
+    lines.append(f"dependencies (supported ranges from {deps['source']}):")
+    lines += [f"  {entry['line']}" for entry in deps["packages"]]
+    outside = [entry["name"] for entry in deps["packages"] if not entry["ok"]]
+    lines.append(f"  -> {len(outside)} outside the supported range: {', '.join(outside)}" if outside else "  -> all within the supported ranges")
+    lines.append("attention kernel packages (optional):")
+    lines += [f"  {name:16} {report['packages'][name] or 'not installed'}" for name in KERNEL_PACKAGES]
     cfg = report.get("config")
     if cfg:
         if cfg["resolves_offline"]:

@@ -14,7 +14,6 @@ from typing import Any
 
 from bernini.plan import CasePlan
 
-
 GB = 1e9  # decimal, as model cards quote sizes (28.6 GB per bf16 A14B expert)
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 GPU_RESERVE = 1.5 * GB  # CUDA context, cuBLAS workspaces, allocator fragmentation

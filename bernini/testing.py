@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Bump when the layout or contents change so stale caches get rebuilt.
-TINY_FORMAT_VERSION = 1
+TINY_FORMAT_VERSION = 2  # 2: the tokenizer saves its </s> post-processor
 MARKER_NAME = ".bernini-tiny-complete"
 DIFFUSERS_NAME = "Bernini-R-Diffusers"
 WAN_BASE_NAME = "Wan2.2-T2V-A14B-Diffusers"
@@ -203,11 +203,13 @@ def save_transformer(model: torch.nn.Module, directory: Path) -> None:
 
 def build_tokenizer_backend() -> Tokenizer:
     """Estimate a small Unigram model from the built-in corpus, shaped the way T5Tokenizer rebuilds it."""
-    from tokenizers import Tokenizer, models
+    from tokenizers import Tokenizer, models, processors
 
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + estimate_unigram_pieces(TOKENIZER_CORPUS)
     backend = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
     backend.pre_tokenizer = t5_pre_tokenizer()
+    # The real tokenizer.json appends </s> itself; transformers 5 rebuilds this on load, 4.57 keeps what is saved.
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
     return backend
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.requirements import Requirement
 
-from bernini import doctor, memory
+from bernini import doctor, memory, supported
 from bernini.__main__ import main as bernini_main
 from bernini.models.transformer import TransformerConfig, WanTransformer
 from bernini.plan import CasePlan, MediaPlan
@@ -109,3 +110,58 @@ def test_workload_batches_equal_length_combos() -> None:
     plans = [plan((66780, 66780)), plan((33390, 66780, 66780, 100000), 640, 352, 49)]
     assert memory.workload_of(plans, batch_combos=True) == memory.Workload(tokens=133560, pixels=848 * 480, frames=81, single_tokens=100000)
     assert memory.workload_of(plans, batch_combos=False).tokens == 100000
+
+
+# --------------------------------------------------------------------------- dependencies vs the supported range
+
+
+def declared(name: str) -> supported.Supported:
+    """The entry pyproject.toml declares for `name` (the one source the doctor reads)."""
+    return next(entry for entry in supported.supported_ranges() if entry.name == name)
+
+
+def test_each_version_is_judged_against_the_declared_range() -> None:
+    assert supported.judge(declared("av"), "19.0.2").line() == "PyAV 19.0.2: supported"
+    old = supported.judge(declared("diffusers"), "0.34")
+    assert old.line() == "diffusers 0.34: too old, pip install 'diffusers>=0.35.2'" and not old.ok
+    new = supported.judge(declared("gradio"), "7.0.1")
+    assert new.status == "too new" and new.fix == "pip install 'gradio<7,>=6.31'" and not new.ok
+    assert supported.judge(declared("torch"), "2.13.0+cpu").status == "supported"  # local builds count
+    assert supported.judge(declared("torch"), "2.15.0.dev20261201").status == "supported"  # so do nightlies
+    assert supported.judge(declared("transformers"), "4.56.2").status == "too old"
+    missing = supported.judge(declared("transformers"), None)
+    assert missing.status == "missing" and missing.fix == "pip install 'transformers>=4.57.3'" and not missing.ok
+    optional = supported.judge(declared("flash-attn-4"), None)
+    assert optional.ok and optional.line() == "flash-attn-4: not installed (optional, for fast: pip install 'flash-attn-4')"
+
+
+def test_installed_metadata_gives_the_same_ranges_as_pyproject() -> None:
+    # What pip writes into an installed bernini's METADATA (Requires-Dist), parsed back.
+    entry = supported.from_metadata(Requirement('gradio<7,>=6.31; extra == "demo"'))
+    assert (entry.name, str(entry.requirement.specifier), entry.extra) == ("gradio", "<7,>=6.31", "demo")
+    assert entry == declared("gradio")
+    assert supported.from_metadata(Requirement("av>=14.1")) == declared("av")
+
+
+def test_doctor_reports_every_dependency_and_names_the_fix(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    real = supported.installed_version
+    fake = {"diffusers": "0.34.0", "gradio": None}
+    monkeypatch.setattr(supported, "installed_version", lambda name: fake[name] if name in fake else real(name))
+    assert doctor.main([]) == 0
+    out = capsys.readouterr().out
+    assert "diffusers 0.34.0: too old, pip install 'diffusers>=0.35.2'" in out
+    assert "gradio: not installed (optional, for demo: pip install 'gradio<7,>=6.31')" in out
+    (tally,) = [line for line in out.splitlines() if "outside the supported range:" in line]
+    assert "diffusers" in tally.split(":")[-1].strip().split(", ") and "gradio" not in tally  # optional and absent is fine
+    assert f"PyAV {av_version()}: supported" in out
+    assert doctor.main(["--json"]) == 0
+    deps = json.loads(capsys.readouterr().out)["dependencies"]
+    assert not deps["all_supported"] and deps["source"].endswith("pyproject.toml")
+    names = [entry["name"] for entry in deps["packages"]]
+    assert {"torch", "diffusers", "transformers", "accelerate", "huggingface-hub", "av", "gradio"} <= set(names)
+
+
+def av_version() -> str:
+    import av
+
+    return av.__version__

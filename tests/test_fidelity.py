@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import official_reference as ref
 import pytest
 import torch
 
-import official_reference as ref
 from bernini import media
 from bernini.cases import Case, load_case_file
 from bernini.config import GenerationSettings, RuntimeConfig

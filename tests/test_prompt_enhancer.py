@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import av
 import numpy as np
 import pytest
+from openai_stub import RecordedRequest, StubServer, answer, delayed, empty, http_error, malformed_json
 from PIL import Image
 
 from bernini import pe_templates
@@ -28,7 +29,6 @@ from bernini.prompt_enhancer import (
     build_messages,
 )
 from bernini.prompt_enhancer import _upright as upright  # private helper, tested directly
-from openai_stub import RecordedRequest, StubServer, answer, delayed, empty, http_error, malformed_json
 
 TEST_KEY = "sk-test-key"
 SENTINEL = "sk-SENTINEL-abc123"

@@ -136,7 +136,13 @@ def test_loaded_model_matches_diffusers_forward(tiny: TinyCheckpoints) -> None:
     with torch.no_grad():
         got = model(hidden, timestep=torch.tensor([300]), encoder_hidden_states=text, return_dict=False)[0]
         want = expected_model(hidden, timestep=torch.tensor([300]), encoder_hidden_states=text, return_dict=False)[0]
-    assert torch.equal(got, want)
+    ours, theirs = model.state_dict(), expected_model.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)  # the loaded weights: exact
+    assert all(p.data_ptr() % 64 == 0 for p in model.parameters())  # in memory of their own, not the file's
+    # Two implementations of one forward: their float32 sums run in different orders, and CPU GEMMs
+    # also round by where each copy of the weights sits (diffusers keeps views of the mapped file).
+    # Seen 5e-7 apart on values of unit scale; 1e-5 leaves 20x for other CPUs and thread counts.
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_wrong_expert_folder_is_refused(tiny: TinyCheckpoints) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+from bernini.media.container import open_input
 from bernini.media.errors import MediaError, av, require_av
 
 if TYPE_CHECKING:
@@ -113,7 +114,7 @@ def open_container(file: Path) -> InputContainer:
     """Open a file with PyAV, turning demuxer failures into MediaError."""
     require_av()
     try:
-        return av.open(str(file), mode="r", metadata_errors="replace")
+        return open_input(file)
     except av.error.FFmpegError as exc:
         raise MediaError(
             f"video '{file}' could not be decoded ({exc}); check it is a video file "

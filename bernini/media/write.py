@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bernini.media.container import open_input
 from bernini.media.errors import MediaError, av, require_av
 
 logger = logging.getLogger(__package__)  # "bernini.media" in every module, as log lines always read
@@ -149,7 +150,7 @@ def verify_media(path: Path, frames: int, width: int, height: int) -> bool:
 
 def verify_video(file: Path, frames: int, width: int, height: int) -> bool:
     """Decode every frame and check the count and size (stored count alone misses truncation)."""
-    with av.open(str(file), mode="r", metadata_errors="replace") as container:
+    with open_input(file) as container:
         if not container.streams.video:
             return False
         stream = container.streams.video[0]

@@ -225,7 +225,7 @@ def assign_tensors(
         logger.debug("reading %d tensors from %s", len(items), file)
         with safe_open(str(file), framework="pt", device=safetensors_device(device)) as handle:
             for key, file_key in items:
-                tensor = cast_tensor(handle.get_tensor(file_key), key, dtype, keep_fp32)
+                tensor = own_aligned(cast_tensor(handle.get_tensor(file_key), key, dtype, keep_fp32))
                 put_tensor(slots[key], tensor)
 
 
@@ -243,6 +243,16 @@ def cast_tensor(tensor: torch.Tensor, key: str, dtype: torch.dtype | None, keep_
     if any(part in keep_fp32 for part in key.split(".")):
         return tensor.to(torch.float32)
     return tensor if dtype is None else tensor.to(dtype)
+
+
+def own_aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor in memory of its own, 64-byte aligned like every torch allocation.
+
+    On the CPU safetensors hands out views of the mapped file, at whatever offset its header left
+    (data_ptr % 64 == 16, 24, ...), and CPU GEMM kernels round differently by operand alignment: the
+    same weights would give results ~1e-6 apart depending on the file's layout.
+    """
+    return tensor.clone() if tensor.device.type == "cpu" and tensor.data_ptr() % 64 else tensor
 
 
 def put_tensor(slot: Slot, tensor: torch.Tensor) -> None:
