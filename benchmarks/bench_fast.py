@@ -19,6 +19,11 @@ The table is printed last; full numbers go to --json, or $OUT/bench_fast.json wh
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/x.py`: the root holds benchmarks/ and bernini/
+
 import argparse
 import dataclasses
 import logging
@@ -31,14 +36,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bernini import attention, fp8
-from bernini.config import FAST_PRESET, GenerationSettings, RuntimeConfig
-from bernini.conditioning import Conditions
-from bernini.models.rope import rope_tables
-from bernini.models.transformer import WanTransformer, compile_blocks, fuse_projections, patchify
 from benchmarks.bench_pipeline import build_renderer, synthetic_case
 from benchmarks.bench_transformer import LAYOUTS
 from benchmarks.common import A14B, device_name, forward_flops, random_expert, time_cuda, write_json
+from bernini import attention, fp8
+from bernini.conditioning import Conditions
+from bernini.config import FAST_PRESET, GenerationSettings, RuntimeConfig
+from bernini.models.rope import rope_tables
+from bernini.models.transformer import WanTransformer, compile_blocks, fuse_projections, patchify
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,11 @@ completed (0.1 s polls). Runs alternate after a warm-up render; the target is a 
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/x.py`: the root holds benchmarks/ and bernini/
+
 import argparse
 import logging
 import statistics
@@ -23,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.bench_pipeline import build_renderer
+from benchmarks.common import device_name, write_json
 from bernini import attention
 from bernini.cases import parse_case
 from bernini.config import GenerationSettings, RuntimeConfig
@@ -35,8 +42,6 @@ from bernini.server.jobs import JobService
 from bernini.server.render import JobRenderer
 from bernini.server.store import JobStore
 from bernini.server.worker import Worker
-from benchmarks.bench_pipeline import build_renderer
-from benchmarks.common import device_name, write_json
 
 PROMPT = "a boat on a river at dawn"
 IDENTITY = {"config": "random full-size weights"}

@@ -13,17 +13,17 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import official_reference as ref
 import pytest
 import torch
+from test_fidelity import errors, reference_inputs, render_ours, run_reference, target_latent_shape
 
-import official_reference as ref
 from bernini import main as entry
 from bernini.cases import BatchSpec, Case, collect_cases, load_case_file
 from bernini.config import GenerationSettings, RuntimeConfig
 from bernini.pipeline import Renderer
 from bernini.plan import plan_all
 from bernini.testing import tiny_checkpoints
-from test_fidelity import errors, reference_inputs, render_ours, run_reference, target_latent_shape
 
 MEDIA = Path(__file__).resolve().parent.parent / "assets" / "testcases" / "media"
 VIDEO, IMAGE = str(MEDIA / "source.mp4"), str(MEDIA / "image.png")

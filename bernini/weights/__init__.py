@@ -1,5 +1,6 @@
 """Locate Bernini-R / Wan2.2 checkpoints and load their safetensors into meta-device modules."""
 
+from bernini.weights.check import check_expert, expected_tensors, expert_key_sources, preflight, read_config
 from bernini.weights.errors import MAX_EXAMPLES, CheckpointError, WeightsError, first_line
 from bernini.weights.identity import checkpoint_identity, identity_files
 from bernini.weights.keys import (
@@ -63,7 +64,6 @@ from bernini.weights.locate import (
     resolve_model_dir,
     try_snapshot,
 )
-from bernini.weights.check import check_expert, expected_tensors, expert_key_sources, preflight, read_config
 
 __all__ = [
     "PICKLE_ADVICE", "CheckpointError", "check_expert", "expected_tensors", "expert_key_sources", "looks_like_pickled", "preflight", "read_config",
