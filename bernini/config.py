@@ -6,9 +6,12 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bernini.tasks import DEFAULT_NEG_PROMPT
+
+if TYPE_CHECKING:
+    from bernini.lora.files import LoraRef
 
 DEFAULT_CONFIG_DIR = "configs/bernini_renderer_wan22"
 
@@ -76,6 +79,17 @@ class GenerationSettings:
     use_src_tgt_id: bool = True
     interpolate_src_id: bool = True
     max_trained_src_id: int = 5
+    omega_vid_low: float | None = None  # the low expert's ω; None: omega_* x omega_scale (the official switch rule)
+    omega_img_low: float | None = None
+    omega_txt_low: float | None = None
+    switch_step: int | None = None  # high-expert steps before the switch; None: the boundary rule
+    skip_zero_passes: bool = True  # lossless: passes of zero weight (and Euler steps of dt 0) are not run
+    preset: str | None = None  # the --preset these values came from (bernini/presets.py), for the record
+
+    @property
+    def solver(self) -> str:
+        """'unipc' or 'euler' (the official --no-use_unipc scheduler)."""
+        return "unipc" if self.use_unipc else "euler"
 
     def __post_init__(self) -> None:
         checks = [
@@ -87,6 +101,8 @@ class GenerationSettings:
             (self.flow_shift > 0, "flow_shift must be > 0"),
             (len(self.norm_threshold) >= 1, "norm_threshold needs at least one value"),
             (self.max_trained_src_id >= 1, "max_trained_src_id must be >= 1"),
+            (self.switch_step is None or 0 <= self.switch_step <= self.num_inference_steps,
+             f"switch_step must be between 0 and num_inference_steps ({self.num_inference_steps}), got {self.switch_step}"),
         ]
         for ok, rule in checks:
             if not ok:
@@ -111,4 +127,5 @@ class RuntimeConfig:
     max_gpu_memory: float | None = None  # GiB the memory plan may use (None: what is free)
     vae_tiling: bool | None = None  # None: the memory plan decides
     host_ranks: int = 1  # processes sharing this host's RAM (torchrun's local ranks): each plans with its share
+    loras: tuple[LoraRef, ...] = ()  # merged into the experts' weights at load (bernini/lora), recorded in sidecars
     extra: dict[str, Any] = field(default_factory=dict)
