@@ -116,8 +116,9 @@ class PresetAction(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
         preset = get_preset(str(values))
         setattr(namespace, self.dest, preset.name)
+        hidden = {a.dest for a in parser._actions if a.help == argparse.SUPPRESS}  # e.g. the demo's page sets the mode
         for dest, value in preset.values.items():
-            if getattr(namespace, dest) == parser.get_default(dest):
+            if dest not in hidden and getattr(namespace, dest) == parser.get_default(dest):
                 setattr(namespace, dest, value)
         namespace.lora_high = [*(namespace.lora_high or []), *preset.lora_high]
         namespace.lora_low = [*(namespace.lora_low or []), *preset.lora_low]

@@ -119,7 +119,16 @@ def test_the_lightning_numbers_render_with_four_forwards(renderer: Renderer) -> 
     latent, info, rows = rows_per_render(renderer, settings)
     assert info["expert_steps"] == {"high": 2, "low": 3} and rows == 4
     full, _, full_rows = rows_per_render(renderer, dataclasses.replace(settings, skip_zero_passes=False))
-    assert full_rows == 10 and torch.equal(latent, full)  # x + 0 * v is x: the skipped step changes no bit
+    assert full_rows == 10  # u and c in all 5 steps
+    torch.testing.assert_close(latent, full, rtol=1e-5, atol=1e-5)
+
+
+def test_the_euler_step_of_dt_zero_changes_no_bit(renderer: Renderer) -> None:
+    """With guidance (both passes needed) only the last step differs: skipping it leaves every bit as it was."""
+    settings = dataclasses.replace(SMALL, num_inference_steps=5, use_unipc=False, omega_txt=4.0)
+    latent, _, rows = rows_per_render(renderer, settings)
+    full, _, full_rows = rows_per_render(renderer, dataclasses.replace(settings, skip_zero_passes=False))
+    assert (rows, full_rows) == (8, 10) and torch.equal(latent, full)  # x + 0 * v is x
 
 
 # --------------------------------------------------------------------------- switch point and per-expert ω
@@ -167,3 +176,20 @@ def test_low_expert_omegas_replace_the_switch_rule(renderer: Renderer) -> None:
     other, info, _ = rows_per_render(renderer, dataclasses.replace(base, omega_txt_low=1.5), case)
     assert info["guidance_per_expert"] == {"high": pytest.approx({"vid": 1.25, "img": 4.5, "txt": 4.0}), "low": pytest.approx({"vid": 1.0, "img": 3.6, "txt": 1.5})}
     assert not torch.allclose(other, default)
+
+
+# --------------------------------------------------------------------------- the demo's preset list
+
+
+def test_demo_preset_list_sets_the_page_knobs_and_the_service_takes_them() -> None:
+    from bernini.demo.page import PRESET_KNOBS, preset_updates
+    from bernini.demo.service import settings_with
+
+    updates = dict(zip(PRESET_KNOBS, preset_updates("lightning-4step"), strict=False))
+    knobs = {k: u["value"] for k, u in updates.items() if "value" in u}
+    assert knobs == {"guidance_mode": "t2v", "num_inference_steps": 5, "flow_shift": 5.0, "use_unipc": False,
+                     **{f"omega_{t}{e}": 1.0 for t in ("vid", "img", "txt") for e in ("", "_low")}}
+    page = {k: v for k, v in knobs.items() if k != "guidance_mode"}  # the mode is a case key, not a knob
+    settings = settings_with(GenerationSettings(), {**page, "preset": "lightning-4step"})
+    assert settings == dataclasses.replace(parse("--preset", "lightning-4step"), guidance_mode=None)
+    assert all(u == {"__type__": "update"} for u in preset_updates("none")[:-1])

@@ -397,3 +397,45 @@ def test_dry_run_lists_the_loras(tiny: Path, tmp_path: Path, capsys: pytest.Capt
     assert f"LoRA high: {file} x 0.5 (20 weights, sha256 {hashlib.sha256(file.read_bytes()).hexdigest()[:12]}" in out
     assert "passes: steps 1-17 high" in out
 
+
+
+# --------------------------------------------------------------------------- the demo's LoRA picker
+
+
+def test_demo_picker_loads_the_experts_again_only_for_a_new_set(tiny: Path, tmp_path: Path) -> None:
+    from bernini import demo
+    from bernini.main import model_identity
+    from bernini.pipeline import resolve_sources
+    from bernini.runner import BatchOptions
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    lora_file("peft", folder / "ink.safetensors", weights_of(tiny, "high"), seed=12)
+    sources = resolve_sources(str(tiny))
+    runtime = RuntimeConfig(**RUNTIME)  # type: ignore[arg-type]
+    renderer = Renderer.load(sources, runtime)
+    runner = demo.JobRunner(renderer.render, model_identity(sources), BatchOptions(output_dir=tmp_path, runtime=runtime), demo.LocalPeers())
+    loads: list[tuple[lora.LoraRef, ...]] = []
+
+    def switch(refs: tuple[lora.LoraRef, ...]) -> None:  # what serve_single does, minus freeing memory
+        loads.append(refs)
+        fresh = Renderer.load(sources, RuntimeConfig(**RUNTIME, loras=refs))  # type: ignore[arg-type]
+        runner.render = fresh.render
+        runner.options = BatchOptions(output_dir=tmp_path, runtime=fresh.runtime)
+
+    settings = GenerationSettings(num_inference_steps=2, num_frames=5, height=32, width=48)
+    service = demo.DemoService(runner, settings, tmp_path / "saved", lora_dir=folder, switch_loras=switch)
+    assert service.lora_files() == ["ink.safetensors"]
+    request = demo.DemoRequest("t2v", "a boat", loras=(("ink.safetensors", 0.5, "lora_high"),))
+    first = service.generate(request)
+    second = service.generate(request)
+    assert len(loads) == 1 and [(r.scale, r.expert) for r in loads[0]] == [(0.5, "high")]
+    recorded = json.loads(first.sidecar.read_text())["runtime"]["loras"]
+    assert recorded == json.loads(second.sidecar.read_text())["runtime"]["loras"] and recorded[0]["expert"] == "high"
+    service.generate(demo.DemoRequest("t2v", "a boat"))  # nothing picked: the plain experts again
+    assert loads[-1] == ()
+    with pytest.raises(ValueError, match="is not a .safetensors file of"):
+        service.prepare(demo.DemoRequest("t2v", "a boat", loras=(("../elsewhere.safetensors", 1.0, "lora"),)))
+    no_folder = demo.DemoService(runner, settings, tmp_path / "saved")
+    with pytest.raises(ValueError, match="start the demo with --lora_dir"):
+        no_folder.prepare(request)
