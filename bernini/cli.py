@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bernini.cases import BatchSpec, Case, CaseError, collect_cases
 from bernini.config import DEFAULT_CONFIG_DIR, GenerationSettings, RuntimeConfig
@@ -18,6 +18,9 @@ from bernini.presets import PRESETS, get_preset
 from bernini.runner import BatchOptions, CaseRecord, LogProgress
 from bernini.sampling import SOLVERS, StepEvent
 from bernini.tasks import DEFAULT_NEG_PROMPT
+
+if TYPE_CHECKING:
+    from bernini.lora import LoraRef
 
 log = logging.getLogger(__name__)
 _D = GenerationSettings()
@@ -161,7 +164,7 @@ def settings_from(args: argparse.Namespace) -> GenerationSettings:
     )
 
 
-def loras_from(args: argparse.Namespace) -> tuple[Any, ...]:
+def loras_from(args: argparse.Namespace) -> tuple[LoraRef, ...]:
     """--lora/--lora_high/--lora_low -> LoraRefs (files located, hashed); ValueError before any model loads."""
     specs = [(flag, spec) for flag in ("lora", "lora_high", "lora_low") for spec in getattr(args, flag) or ()]
     if not specs:

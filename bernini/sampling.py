@@ -204,13 +204,9 @@ def plan_steps(plan: SamplingPlan, timesteps: torch.Tensor, sigmas: list[float],
     return steps[::-1]
 
 
+@functools.lru_cache(maxsize=64)
 def preview_steps(settings: GenerationSettings, mode: GuidanceMode, experts: tuple[str, ...] = ("high", "low"), boundary: float = 0.875) -> tuple[Step, ...]:
     """The steps a render will run, planned before any checkpoint is read (Wan2.2's scheduler config, A14B's boundary)."""
-    return _preview(settings, mode, experts, boundary)
-
-
-@functools.lru_cache(maxsize=64)
-def _preview(settings: GenerationSettings, mode: GuidanceMode, experts: tuple[str, ...], boundary: float) -> tuple[Step, ...]:
     plan = sampling_plan(settings, mode, boundary)
     scheduler = make_scheduler(DEFAULT_SCHEDULER_CONFIG, plan.shift, plan.use_unipc)
     set_official_timesteps(scheduler, plan.steps, "cpu")

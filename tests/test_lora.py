@@ -439,3 +439,18 @@ def test_demo_picker_loads_the_experts_again_only_for_a_new_set(tiny: Path, tmp_
     no_folder = demo.DemoService(runner, settings, tmp_path / "saved")
     with pytest.raises(ValueError, match="start the demo with --lora_dir"):
         no_folder.prepare(request)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("offload", ["none", "block"])
+def test_cuda_merge_equals_the_cpu_merge(tiny: Path, tmp_path: Path, offload: str) -> None:
+    """On the GPU the merge runs where the tensor is read (straight onto the device, or block by block before packing)."""
+    file, f, factor, full = lora_file("wan", tmp_path / "wan.safetensors", weights_of(tiny, "high"), seed=13)
+    expected = merged(weights_of(tiny, "high"), f, factor, full)
+    gpu = Renderer.from_pretrained(str(tiny), runtime=runtime_for("--lora", str(file), "--offload", offload, "--device", "cuda", "--no-compile"))
+    model = gpu.experts["high"]
+    store = gpu.store
+    store("high")  # on the device as the plan places it
+    got = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], torch.from_numpy(value), rtol=1e-5, atol=1e-6)
