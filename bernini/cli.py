@@ -8,15 +8,19 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bernini.cases import BatchSpec, Case, CaseError, collect_cases
 from bernini.config import DEFAULT_CONFIG_DIR, FAST_PRESET, FP8_ATTENTION_CHOICES, FP8_GEMM_CHOICES, GenerationSettings, RuntimeConfig
 from bernini.guidance import GUIDANCE_MODES, PLANNER_ONLY_MODES
 from bernini.plan import CasePlan
+from bernini.presets import PRESETS, get_preset
 from bernini.runner import BatchOptions, CaseRecord, LogProgress
-from bernini.sampling import StepEvent
+from bernini.sampling import SOLVERS, StepEvent
 from bernini.tasks import DEFAULT_NEG_PROMPT
+
+if TYPE_CHECKING:
+    from bernini.lora import LoraRef
 
 log = logging.getLogger(__name__)
 _D = GenerationSettings()
@@ -63,6 +67,16 @@ def build_parser(prog: str, multi_gpu: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--eta", type=float, default=_D.eta)
     g.add_argument("--norm_threshold", type=float, nargs="+", default=list(_D.norm_threshold))
     g.add_argument("--momentum", type=float, default=_D.momentum)
+    f = p.add_argument_group("LoRAs and few-step schedules (bernini)")
+    f.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="merge a LoRA into both experts (repeatable; a .safetensors file or a hub id repo[/file.safetensors])")
+    f.add_argument("--lora_high", action="append", metavar="FILE[:SCALE]", help="merge a LoRA into the high-noise expert only (repeatable)")
+    f.add_argument("--lora_low", action="append", metavar="FILE[:SCALE]", help="merge a LoRA into the low-noise expert only (repeatable)")
+    f.add_argument("--solver", choices=SOLVERS, help="unipc (default) or euler (the official --no-use_unipc scheduler)")
+    f.add_argument("--switch_step", type=int, help="run the high-noise expert for the first N steps (default: the boundary rule)")
+    for term in ("vid", "img", "txt"):
+        f.add_argument(f"--omega_{term}_low", type=float, help=f"the low-noise expert's ω {term} (default: --omega_{term} x --omega_scale)")
+    f.add_argument("--skip_zero_passes", action=argparse.BooleanOptionalAction, default=True, help="do not run guidance passes whose weight is zero (lossless)")
+    f.add_argument("--preset", action=PresetAction, choices=list(PRESETS), help="a published step-distillation recipe (README); explicit flags win")
     planner = p.add_argument_group("full-Bernini planner flags (accepted for script compatibility, unused by the renderer)")
     for flag, kind, default in (("--omega_tgt", float, 0.5), ("--planning_step", int, 25), ("--vit_txt_cfg", float, 1.2), ("--vit_img_cfg", float, 1.0), ("--vit_denoising_step", int, 5)):
         planner.add_argument(flag, type=kind, default=default, help=argparse.SUPPRESS)
@@ -105,9 +119,25 @@ def build_parser(prog: str, multi_gpu: bool = False) -> argparse.ArgumentParser:
     return p
 
 
+class PresetAction(argparse.Action):
+    """--preset NAME: the recipe's values for every flag still at its default, and its LoRAs; later flags win."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
+        preset = get_preset(str(values))
+        setattr(namespace, self.dest, preset.name)
+        hidden = {a.dest for a in parser._actions if a.help == argparse.SUPPRESS}  # e.g. the demo's page sets the mode
+        for dest, value in preset.values.items():
+            if dest not in hidden and getattr(namespace, dest) == parser.get_default(dest):
+                setattr(namespace, dest, value)
+        namespace.lora_high = [*(namespace.lora_high or []), *preset.lora_high]
+        namespace.lora_low = [*(namespace.lora_low or []), *preset.lora_low]
+
+
 def settings_from(args: argparse.Namespace) -> GenerationSettings:
     if args.guidance_mode in PLANNER_ONLY_MODES:
         raise ValueError(f"--guidance_mode {args.guidance_mode} belongs to the full Bernini planner; the renderer supports: {', '.join(GUIDANCE_MODES)}")
+    if args.solver == "unipc" and not args.use_unipc:
+        raise ValueError("--solver unipc contradicts --no-use_unipc; give one of them")
     return GenerationSettings(
         neg_prompt=args.neg_prompt,
         system_prompt=args.system_prompt,
@@ -127,11 +157,27 @@ def settings_from(args: argparse.Namespace) -> GenerationSettings:
         eta=args.eta,
         norm_threshold=tuple(args.norm_threshold),
         momentum=args.momentum,
-        use_unipc=args.use_unipc,
+        use_unipc=args.use_unipc if args.solver is None else args.solver == "unipc",
         use_src_tgt_id=args.use_src_tgt_id,
         interpolate_src_id=args.interpolate_src_id,
         max_trained_src_id=args.max_trained_src_id,
+        omega_vid_low=args.omega_vid_low,
+        omega_img_low=args.omega_img_low,
+        omega_txt_low=args.omega_txt_low,
+        switch_step=args.switch_step,
+        skip_zero_passes=args.skip_zero_passes,
+        preset=args.preset,
     )
+
+
+def loras_from(args: argparse.Namespace) -> tuple[LoraRef, ...]:
+    """--lora/--lora_high/--lora_low -> LoraRefs (files located, hashed); ValueError before any model loads."""
+    specs = [(flag, spec) for flag in ("lora", "lora_high", "lora_low") for spec in getattr(args, flag) or ()]
+    if not specs:
+        return ()
+    from bernini import lora
+
+    return lora.resolve(specs)
 
 
 def runtime_from(args: argparse.Namespace) -> RuntimeConfig:
@@ -149,6 +195,7 @@ def runtime_from(args: argparse.Namespace) -> RuntimeConfig:
         vae_tiling=args.vae_tiling,
         fp8_gemm=args.fp8_gemm or preset.get("fp8_gemm", "off"),
         fp8_attention=args.fp8_attention or preset.get("fp8_attention", "off"),
+        loras=loras_from(args),
     )
 
 

@@ -8,9 +8,12 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bernini.tasks import DEFAULT_NEG_PROMPT
+
+if TYPE_CHECKING:
+    from bernini.lora.files import LoraRef
 
 DEFAULT_CONFIG_DIR = "configs/bernini_renderer_wan22"
 
@@ -114,6 +117,17 @@ class GenerationSettings:
     use_src_tgt_id: bool = True
     interpolate_src_id: bool = True
     max_trained_src_id: int = 5
+    omega_vid_low: float | None = None  # the low expert's ω; None: omega_* x omega_scale (the official switch rule)
+    omega_img_low: float | None = None
+    omega_txt_low: float | None = None
+    switch_step: int | None = None  # high-expert steps before the switch; None: the boundary rule
+    skip_zero_passes: bool = True  # lossless: passes of zero weight (and Euler steps of dt 0) are not run
+    preset: str | None = None  # the --preset these values came from (bernini/presets.py), for the record
+
+    @property
+    def solver(self) -> str:
+        """'unipc' or 'euler' (the official --no-use_unipc scheduler)."""
+        return "unipc" if self.use_unipc else "euler"
 
     def __post_init__(self) -> None:
         """Every value is checked before anything loads; the message names the flag, the rule and the fix."""
@@ -138,6 +152,9 @@ class GenerationSettings:
             value = getattr(self, name)
             _require(name, value, _is_int(value) and 16 <= value <= MAX_SIDE, f"must be >= 16 and at most {MAX_SIDE} pixels (an integer)")
         _require("max_trained_src_id", self.max_trained_src_id, _is_int(self.max_trained_src_id) and self.max_trained_src_id >= 1, "must be an integer >= 1")
+        if self.switch_step is not None:
+            _require("switch_step", self.switch_step, _is_int(self.switch_step) and 0 <= self.switch_step <= self.num_inference_steps,
+                     f"must be an integer from 0 to num_inference_steps ({self.num_inference_steps})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -160,6 +177,7 @@ class RuntimeConfig:
     host_ranks: int = 1  # processes sharing this host's RAM (torchrun's local ranks): each plans with its share
     fp8_gemm: str = "off"  # off | auto | scaled_mm | torchao: block Linears computed in FP8 (lossy, opt-in)
     fp8_attention: str = "off"  # off | auto | cudnn_fp8 | sage: 8-bit self-attention (lossy, opt-in)
+    loras: tuple[LoraRef, ...] = ()  # merged into the experts' weights at load (bernini/lora), recorded in sidecars
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -1,11 +1,10 @@
-"""Guidance modes that combine per-combo Bernini-R DiT velocity predictions into one velocity."""
+"""Guidance modes that combine per-combo Bernini-R DiT velocity predictions into one velocity, and which passes they need."""
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -53,6 +52,12 @@ class GuidanceScales:
     def scaled(self, factor: float) -> GuidanceScales:
         """Return all three scales multiplied by `factor` (the omega_scale at the expert switch)."""
         return GuidanceScales(vid=self.vid * factor, img=self.img * factor, txt=self.txt * factor)
+
+    def replaced(self, vid: float | None = None, img: float | None = None, txt: float | None = None) -> GuidanceScales:
+        """These scales with the ones given replaced (None keeps a value)."""
+        return GuidanceScales(
+            vid=self.vid if vid is None else vid, img=self.img if img is None else img, txt=self.txt if txt is None else txt
+        )
 
 
 @dataclass(frozen=True)
@@ -120,18 +125,31 @@ class StepContext:
     state: GuidanceState
 
 
-# Receives float32 velocities (non-APG) or x0 estimates (APG) keyed by combo.
-CombineFn = Callable[[Mapping[Combo, Tensor], StepContext], Tensor]
+@dataclass(frozen=True)
+class Term:
+    """One guidance term: ``scale * G(plus - minus)``, G the plain difference or, in APG modes, N(d; plus)."""
+
+    scale: str  # "vid" | "img" | "txt": the GuidanceScales field; also the name of its APG momentum buffer
+    plus: Combo  # the more conditioned side (APG projects onto it)
+    minus: Combo
 
 
 @dataclass(frozen=True)
 class GuidanceMode:
-    """A guidance mode: the combos it needs and how their predictions are combined."""
+    """A guidance mode: ``base + sum(scale * G(plus - minus))`` over its terms (all seven modes have this form)."""
 
     name: str
-    combos: tuple[Combo, ...]
+    base: Combo
+    terms: tuple[Term, ...]
     uses_apg: bool
-    combine: CombineFn
+
+    @property
+    def combos(self) -> tuple[Combo, ...]:
+        """The passes the full formula reads, base first, then each term's sides in order."""
+        seen = [self.base]
+        for term in self.terms:
+            seen += [c for c in (term.plus, term.minus) if c not in seen]
+        return tuple(seen)
 
 
 def per_frame(x: Tensor, frames: int) -> Tensor:
@@ -172,63 +190,34 @@ def normalized_guidance(
     return project_per_frame(clip_per_frame(running, frames, threshold), base, frames, eta)
 
 
-def _apg_term(diff: Tensor, base: Tensor, step: StepContext, term: str, index: int) -> Tensor:
-    return normalized_guidance(
-        diff,
-        base,
-        step.frames,
-        eta=step.apg.eta,
-        threshold=step.apg.threshold(index),
-        momentum=step.apg.momentum,
-        buffer=step.state.buffer(term),
-    )
+def _evaluate(mode: GuidanceMode, values: Mapping[Combo, Tensor], step: StepContext) -> Tensor:
+    """base + sum(scale * G): velocities for the plain modes, x0 estimates for the APG ones."""
+    out = values[mode.base]
+    for index, term in enumerate(mode.terms):
+        diff = values[term.plus] - values[term.minus]
+        if mode.uses_apg:
+            diff = normalized_guidance(
+                diff, values[term.plus], step.frames, eta=step.apg.eta, threshold=step.apg.threshold(index),
+                momentum=step.apg.momentum, buffer=step.state.buffer(term.scale),
+            )
+        out = out + getattr(step.scales, term.scale) * diff
+    return out
 
 
-def _rv2v(e: Mapping[Combo, Tensor], step: StepContext) -> Tensor:
-    s = step.scales
-    return (
-        e[NONE_U]
-        + s.vid * (e[V_U] - e[NONE_U])
-        + s.img * (e[VI_U] - e[V_U])
-        + s.txt * (e[VI_C] - e[VI_U])
-    )
+def _mode(name: str, base: Combo, *terms: tuple[str, Combo, Combo]) -> GuidanceMode:
+    return GuidanceMode(name, base, tuple(Term(*t) for t in terms), uses_apg=name.endswith("_apg"))
 
-
-def _v2v_chain(e: Mapping[Combo, Tensor], step: StepContext) -> Tensor:
-    s = step.scales
-    return e[NONE_U] + s.vid * (e[V_U] - e[NONE_U]) + s.txt * (e[VI_C] - e[V_U])
-
-
-def _text_cfg(e: Mapping[Combo, Tensor], step: StepContext, *, uncond: Combo, cond: Combo) -> Tensor:
-    return e[uncond] + step.scales.txt * (e[cond] - e[uncond])
-
-
-def _text_apg(x: Mapping[Combo, Tensor], step: StepContext, *, uncond: Combo, cond: Combo) -> Tensor:
-    return x[uncond] + step.scales.txt * _apg_term(x[cond] - x[uncond], x[cond], step, "txt", 0)
-
-
-def _r2v_apg(x: Mapping[Combo, Tensor], step: StepContext) -> Tensor:
-    s = step.scales
-    img = _apg_term(x[I_U] - x[NONE_U], x[I_U], step, "img", 0)
-    txt = _apg_term(x[I_C] - x[I_U], x[I_C], step, "txt", 1)
-    return x[NONE_U] + s.img * img + s.txt * txt
-
-
-_v2v = functools.partial(_text_cfg, uncond=VI_U, cond=VI_C)
-_t2v = functools.partial(_text_cfg, uncond=NONE_U, cond=NONE_C)
-_t2v_apg = functools.partial(_text_apg, uncond=NONE_U, cond=NONE_C)
-_v2v_apg = functools.partial(_text_apg, uncond=VI_U, cond=VI_C)
 
 GUIDANCE_MODES: dict[str, GuidanceMode] = {
     mode.name: mode
     for mode in (
-        GuidanceMode("rv2v", (NONE_U, V_U, VI_U, VI_C), uses_apg=False, combine=_rv2v),
-        GuidanceMode("v2v", (VI_U, VI_C), uses_apg=False, combine=_v2v),
-        GuidanceMode("v2v_chain", (NONE_U, V_U, VI_C), uses_apg=False, combine=_v2v_chain),
-        GuidanceMode("t2v", (NONE_U, NONE_C), uses_apg=False, combine=_t2v),
-        GuidanceMode("t2v_apg", (NONE_U, NONE_C), uses_apg=True, combine=_t2v_apg),
-        GuidanceMode("v2v_apg", (VI_U, VI_C), uses_apg=True, combine=_v2v_apg),
-        GuidanceMode("r2v_apg", (NONE_U, I_U, I_C), uses_apg=True, combine=_r2v_apg),
+        _mode("rv2v", NONE_U, ("vid", V_U, NONE_U), ("img", VI_U, V_U), ("txt", VI_C, VI_U)),
+        _mode("v2v", VI_U, ("txt", VI_C, VI_U)),
+        _mode("v2v_chain", NONE_U, ("vid", V_U, NONE_U), ("txt", VI_C, V_U)),
+        _mode("t2v", NONE_U, ("txt", NONE_C, NONE_U)),
+        _mode("t2v_apg", NONE_U, ("txt", NONE_C, NONE_U)),
+        _mode("v2v_apg", VI_U, ("txt", VI_C, VI_U)),
+        _mode("r2v_apg", NONE_U, ("img", I_U, NONE_U), ("txt", I_C, I_U)),
     )
 }
 
@@ -256,18 +245,57 @@ def new_state(mode: GuidanceMode | str) -> GuidanceState:
     return GuidanceState(mode=mode if isinstance(mode, str) else mode.name)
 
 
+def _is_identity(apg: APGSettings, index: int) -> bool:
+    """N(d; base) = d exactly (up to rounding) for APG term `index`: eta 1 (nothing projected) and no clipping.
+
+    Clipping at a threshold > 0 depends on the norm of d, so it keeps both sides of the term in.
+    """
+    threshold = apg.threshold(index)
+    return apg.eta == 1.0 and (threshold <= 0 or math.isinf(threshold))
+
+
+def active_combos(
+    mode: GuidanceMode, scales: GuidanceScales, apg: APGSettings, buffers_read_later: Collection[str] | None = None
+) -> tuple[Combo, ...]:
+    """The passes whose predictions the mode's output depends on at these scales; the others carry zero weight.
+
+    Every mode is ``base + sum(s * G(plus - minus))``. A term with s = 0 adds nothing. A term whose G is linear
+    (plain modes; APG with eta 1, no clipping) adds +s to its plus side's coefficient and -s to its minus side's;
+    a pass whose total coefficient is exactly 0 drops out (all scales 1: only the last term's plus side is left).
+    A nonlinear APG term (eta != 1, or clipping) needs both sides whatever s is, unless s = 0.
+    With momentum != 0 an APG term's buffer carries this step's difference into later steps, so a term in
+    ``buffers_read_later`` (None: every term, the safe default) keeps both sides whatever its scale.
+    """
+    weights: dict[Combo, float] = {mode.base: 1.0}
+    needed: set[Combo] = set()
+    later = {t.scale for t in mode.terms} if buffers_read_later is None else set(buffers_read_later)
+    for index, term in enumerate(mode.terms):
+        s = getattr(scales, term.scale)
+        if mode.uses_apg and apg.momentum != 0 and term.scale in later:
+            needed |= {term.plus, term.minus}
+        elif s == 0:
+            continue
+        elif mode.uses_apg and not _is_identity(apg, index):
+            needed |= {term.plus, term.minus}
+        else:
+            weights[term.plus] = weights.get(term.plus, 0.0) + s
+            weights[term.minus] = weights.get(term.minus, 0.0) - s
+    needed |= {combo for combo, weight in weights.items() if weight != 0}
+    return tuple(combo for combo in mode.combos if combo in needed)
+
+
 def _check_inputs(
-    mode: GuidanceMode, preds: Mapping[Combo, Tensor], x_t: Tensor, frames: int, state: GuidanceState
+    mode: GuidanceMode, preds: Mapping[Combo, Tensor], needed: tuple[Combo, ...], x_t: Tensor, frames: int, state: GuidanceState
 ) -> None:
     if state.mode != mode.name:
         raise ValueError(
             f"guidance state belongs to mode {state.mode!r}, not {mode.name!r}; use new_state(mode)"
         )
-    missing = [str(combo) for combo in mode.combos if combo not in preds]
+    missing = [str(combo) for combo in needed if combo not in preds]
     if missing:
-        needed = ", ".join(str(combo) for combo in mode.combos)
+        names = ", ".join(str(combo) for combo in needed)
         raise ValueError(
-            f"mode {mode.name!r} is missing prediction(s) {', '.join(missing)}; it needs {needed}"
+            f"mode {mode.name!r} is missing prediction(s) {', '.join(missing)}; it needs {names}"
         )
     if x_t.ndim != 3:
         raise ValueError(f"x_t must be packed [B, L, C], got shape {tuple(x_t.shape)}")
@@ -276,7 +304,7 @@ def _check_inputs(
             f"frames={frames} must be positive and divide the token count L={x_t.shape[1]}"
         )
     for combo in mode.combos:
-        if preds[combo].shape != x_t.shape:
+        if combo in preds and preds[combo].shape != x_t.shape:
             raise ValueError(
                 f"prediction {combo} has shape {tuple(preds[combo].shape)}, "
                 f"expected x_t shape {tuple(x_t.shape)}"
@@ -310,17 +338,26 @@ def combine(
     scales: GuidanceScales,
     apg: APGSettings,
     state: GuidanceState,
+    buffers_read_later: Collection[str] | None = None,
 ) -> Tensor:
-    """Combine the mode's per-combo velocity predictions into one float32 [B, L, C] velocity."""
-    _check_inputs(mode, preds, x_t, frames, state)
+    """Combine the mode's per-combo velocity predictions into one float32 [B, L, C] velocity.
+
+    `preds` may leave out passes that carry zero weight at these scales (:func:`active_combos`).
+    """
+    needed = active_combos(mode, scales, apg, buffers_read_later)
+    _check_inputs(mode, preds, needed, x_t, frames, state)
     # Predictions may be bf16; the combination is done in float32.
-    velocities = {combo: preds[combo].float() for combo in mode.combos}
+    velocities = {combo: preds[combo].float() for combo in mode.combos if combo in preds}
+    # A left-out pass has coefficient 0, so any finite stand-in gives the same result; the first needed pass
+    # turns the differences it enters into 0 (all scales 1: every difference, and the output is that pass).
+    stand_in = velocities[needed[0]]  # never empty: the coefficients always sum to 1
+    velocities = {combo: velocities.get(combo, stand_in) for combo in mode.combos}
     step = StepContext(scales=scales, frames=frames, apg=apg, state=state)
     if not mode.uses_apg:
-        return mode.combine(velocities, step)
+        return _evaluate(mode, velocities, step)
     _check_sigma(mode, sigma)
     x_t32 = x_t.float()
     x0 = {combo: to_x0(x_t32, v, sigma) for combo, v in velocities.items()}
-    guided = mode.combine(x0, step)
-    logger.debug("guidance %s at sigma=%.4f combined %d combos", mode.name, sigma, len(x0))
+    guided = _evaluate(mode, x0, step)
+    logger.debug("guidance %s at sigma=%.4f combined %d of %d passes", mode.name, sigma, len(needed), len(mode.combos))
     return to_velocity(x_t32, guided, sigma)

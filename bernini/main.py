@@ -119,6 +119,15 @@ def dry_run(args: argparse.Namespace, planned: Planned, errors: Sequence[tuple[s
             load = memory.workload_of([p for _, p in planned], runtime.batch_combos)
             plan = offload.plan_for_run(sources.base, len(sources.renderer.experts), runtime, torch.device(runtime.device), load, sources.renderer.max_sequence_length)
             print(plan.describe())
+            if runtime.loras:  # checked against the experts' shapes, as the load would
+                from bernini import lora
+                from bernini.pipeline import expert_configs
+
+                try:
+                    print(lora.describe(lora.prepare(runtime.loras, expert_configs(sources))))
+                except ValueError as exc:
+                    log.error("%s", exc)
+                    return 2
         except weights.CheckpointError as exc:  # the files are there and unusable: nothing could run
             print(f"checkpoint: {exc}")
             return 2

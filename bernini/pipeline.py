@@ -16,17 +16,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from bernini import attention, fp8, media, memory, offload, weights
+from bernini import attention, fp8, lora, media, memory, offload, weights
 from bernini.cases import Case
 from bernini.conditioning import Conditions, Source, SourceIdRule
 from bernini.config import DEFAULT_CONFIG_DIR, GenerationSettings, RendererConfig, RuntimeConfig
-from bernini.guidance import APGSettings, GuidanceScales, get_mode
+from bernini.guidance import get_mode
 from bernini.models.text_encoder import TextEncoder, positive_text
 from bernini.models.transformer import TransformerConfig, WanTransformer, compile_blocks, patchify, unpatchify
 from bernini.models.vae import VAE
 from bernini.offload import ExpertStore, MemoryPlan
 from bernini.plan import PATCH, CasePlan, effective_settings, plan_case
-from bernini.sampling import Denoiser, LocalCombos, SamplingPlan, StepEvent, initial_noise
+from bernini.sampling import Denoiser, LocalCombos, StepEvent, initial_noise, sampling_plan
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +98,25 @@ def expert_weight_sources(sources: ModelSources, name: str) -> list[dict[str, tu
     return found
 
 
+def expert_configs(sources: ModelSources) -> dict[str, Path]:
+    """Each expert's transformer config.json (what LoRAs are checked against before anything loads)."""
+    return {name: sources.base / EXPERT_FOLDERS[name] / "config.json" for name in sources.renderer.experts}
+
+
 def load_expert(
-    sources: ModelSources, name: str, *, device: torch.device, dtype: torch.dtype, plan: MemoryPlan | None = None, fp8_gemm: str | None = None
+    sources: ModelSources,
+    name: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    plan: MemoryPlan | None = None,
+    fp8_gemm: str | None = None,
+    loras: lora.ExpertLoras | None = None,
 ) -> WanTransformer:
     """One expert, each block finished as it lands (fused projections, FP8 conversions, a packed host copy).
 
     With fp8 weights or an offload plan it loads block by block; ``fp8_gemm``: the backend chosen by fp8.select_gemm.
+    LoRAs are merged into each weight as it is read, in float32, before any of that.
     """
     folder = sources.base / EXPERT_FOLDERS[name]
     cfg_path = folder / "config.json"
@@ -114,12 +127,15 @@ def load_expert(
         model = WanTransformer(cfg)
     keys = expert_weight_sources(sources, name)
     each_block = block_finisher(model, plan, device, fp8_gemm)
+    merge = lora.Merger(loras) if loras is not None else None
     if plan is None or (plan.offload == "none" and plan.weights == "bf16"):
-        weights.load_weights(model, keys, device=device, dtype=dtype, keep_fp32=WanTransformer.keep_fp32)
+        weights.load_weights(model, keys, device=device, dtype=dtype, keep_fp32=WanTransformer.keep_fp32, transform=merge)
         for block in model.blocks:
             each_block(block)
     else:
-        offload.load_blockwise(model, keys, device=device, dtype=dtype, keep_fp32=WanTransformer.keep_fp32, each_block=each_block)
+        offload.load_blockwise(model, keys, device=device, dtype=dtype, keep_fp32=WanTransformer.keep_fp32, each_block=each_block, transform=merge)
+    if merge is not None:
+        merge.finish()
     return model.eval().requires_grad_(False)
 
 
@@ -222,6 +238,7 @@ class Renderer:
         attention.select_backend(runtime.attention, device)
         attention.select_fp8_attention(runtime.fp8_attention, device)
         experts_named = sources.renderer.experts
+        loras = lora.prepare(runtime.loras, expert_configs(sources))  # every LoRA checked before anything loads
         plan = offload.plan_for_run(sources.base, len(experts_named), runtime, device, workload, sources.renderer.max_sequence_length)
         log_plan(plan)
         gemm = fp8.select_gemm(runtime.fp8_gemm, device, resident=plan.offload == "none")
@@ -234,7 +251,7 @@ class Renderer:
         vae = VAE.load(sources.base, device=device)
         if plan.vae_tiling:
             vae.model.enable_tiling()
-        experts = {name: prepare_expert(load_expert(sources, name, device=device, dtype=dtype, plan=plan, fp8_gemm=gemm), runtime) for name in experts_named}
+        experts = {name: prepare_expert(load_expert(sources, name, device=device, dtype=dtype, plan=plan, fp8_gemm=gemm, loras=loras.get(name)), runtime) for name in experts_named}
         store = ExpertStore(experts, plan.offload, device, plan.prefetch_bytes)
         from diffusers import UniPCMultistepScheduler
 
@@ -316,17 +333,7 @@ class Renderer:
         lap("vae_encode")
         grid = plan.grid
         noise = initial_noise(settings.seed, (1, 16, grid[0] * PATCH[0], grid[1] * PATCH[1], grid[2] * PATCH[2]))
-        sampling = SamplingPlan(
-            mode=get_mode(plan.guidance_mode),
-            scales=GuidanceScales(settings.omega_vid, settings.omega_img, settings.omega_txt),
-            omega_scale=settings.omega_scale,
-            apg=APGSettings(settings.eta, tuple(settings.norm_threshold), settings.momentum),
-            steps=settings.num_inference_steps,
-            shift=settings.flow_shift,
-            use_unipc=settings.use_unipc,
-            boundary=self.sources.renderer.switch_dit_boundary,
-            batch_combos=self.runtime.batch_combos,
-        )
+        sampling = sampling_plan(settings, get_mode(plan.guidance_mode), self.sources.renderer.switch_dit_boundary, self.runtime.batch_combos)
         rule = SourceIdRule(settings.use_src_tgt_id, settings.interpolate_src_id, settings.max_trained_src_id)
         denoiser = Denoiser(self.store, tuple(self.experts), self.scheduler_config, self.head_dim, self.device, self.combos, self.store.prefetch)
         result = denoiser.run(sampling, cond, rule, grid, patchify(noise, PATCH), text, on_step)

@@ -1,4 +1,4 @@
-"""Case + settings -> the effective render: mode, size, frames, tokens and forwards per step."""
+"""Case + settings -> the effective render: mode, size, frames, tokens, forwards and the passes of each step."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from typing import Any
 from bernini import media, outputs
 from bernini.cases import Case, CaseError, resolve_mode
 from bernini.conditioning import Conditions, Source, SourceIdRule, visual_sources
-from bernini.config import GenerationSettings
+from bernini.config import GenerationSettings, RendererConfig
 from bernini.guidance import GUIDANCE_MODES, get_mode
+from bernini.presets import get_preset
+from bernini.sampling import Step, preview_steps
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,30 @@ class MediaPlan:
 
 
 @dataclass(frozen=True)
+class PassRun:
+    """Consecutive steps (1-based, inclusive) that run one expert with the same ω and guidance passes."""
+
+    steps: tuple[int, int]
+    expert: str
+    omega: tuple[float, float, float]  # vid, img, txt
+    passes: tuple[str, ...]  # combos run, e.g. "VI·c"; empty: the step cannot move the latent and runs nothing
+
+
+def pass_runs(steps: Sequence[Step]) -> tuple[PassRun, ...]:
+    """Group a render's steps into runs of equal expert, ω and passes."""
+    runs: list[PassRun] = []
+    for step in steps:
+        omega = (step.scales.vid, step.scales.img, step.scales.txt)
+        passes = tuple(str(c) for c in step.passes)
+        last = runs[-1] if runs else None
+        if last is not None and (last.expert, last.omega, last.passes) == (step.expert, omega, passes):
+            runs[-1] = PassRun((last.steps[0], step.index + 1), step.expert, omega, passes)
+        else:
+            runs.append(PassRun((step.index + 1, step.index + 1), step.expert, omega, passes))
+    return tuple(runs)
+
+
+@dataclass(frozen=True)
 class CasePlan:
     """What a case will actually render; shown by --dry-run and written to the sidecar."""
 
@@ -75,6 +101,7 @@ class CasePlan:
     tokens_per_forward: tuple[int, ...]
     steps: int
     warnings: tuple[str, ...] = ()  # what renders other than the task's name suggests (dry run, sidecar, log)
+    passes: tuple[PassRun, ...] = ()  # what each step runs, for the A14B renderer config (two experts, boundary 0.875)
 
     @property
     def cost(self) -> float:
@@ -145,6 +172,8 @@ def plan_case(case: Case, settings: GenerationSettings) -> CasePlan:
     if settings.num_frames != frames and not task.single_frame and not case.videos:
         log.info("%s: num_frames %d coerced to 4k+1: %d", case.name, settings.num_frames, frames)
     mode_name = resolve_mode(case, settings.guidance_mode)
+    if settings.preset is not None and case.task_type not in get_preset(settings.preset).tasks:
+        raise CaseError(f"{case.source}: --preset {settings.preset} is published for {', '.join(get_preset(settings.preset).tasks)} only, not {case.task_type}; set the flags yourself")
     if not settings.use_unipc and get_mode(mode_name).uses_apg:
         # The Euler fallback ends at sigma 0, where APG's x0-space conversion divides by zero.
         raise CaseError(f"{case.source}: guidance mode {mode_name!r} needs the UniPC scheduler; drop --no-use_unipc or pick rv2v, v2v, v2v_chain or t2v")
@@ -171,6 +200,7 @@ def plan_case(case: Case, settings: GenerationSettings) -> CasePlan:
         tokens_per_forward=per_forward,
         steps=settings.num_inference_steps,
         warnings=warnings,
+        passes=pass_runs(preview_steps(settings, get_mode(mode_name), boundary=RendererConfig().switch_dit_boundary)),
     )
 
 
@@ -239,10 +269,19 @@ def format_plan(planned: Sequence[tuple[Case, CasePlan]], errors: Sequence[tuple
             f"{case.name[:24]:24} {p.task_type:6} {p.guidance_mode:9} {p.width:>4}x{p.height:<4} {p.frames:>6} "
             f"{p.fps:>5g} {p.forwards_per_step:>8} {max(p.tokens_per_forward):>8}  {p.output}"
         )
+        if p.passes:
+            lines.append("    passes: " + " | ".join(format_run(run) for run in p.passes))
     lines += [f"WARNING {case.name}: {w}" for case, p in planned for w in p.warnings]
     lines += [f"INVALID {m if m.startswith(s) else f'{s}: {m}'}" for s, m in errors]
     lines.append(f"{len(planned)} case(s) ready, {len(errors)} invalid")
     return "\n".join(lines)
+
+
+def format_run(run: PassRun) -> str:
+    first, last = run.steps
+    steps = f"step {first}" if first == last else f"steps {first}-{last}"
+    omega = "/".join(f"{w:g}" for w in run.omega)
+    return f"{steps} {run.expert} ω {omega}: {' '.join(run.passes) or 'nothing (dt 0)'}"
 
 
 def plan_all(cases: Sequence[Case], settings: GenerationSettings, errors: list[tuple[str, str]]) -> list[tuple[Case, CasePlan]]:

@@ -123,9 +123,10 @@ def _file_stamp(path: Path) -> dict[str, Any]:
 
 
 def fingerprint(
-    case: Case, settings: GenerationSettings, model_identity: dict[str, Any], prompt: str | None = None, dtype: str | None = None
+    case: Case, settings: GenerationSettings, model_identity: dict[str, Any], prompt: str | None = None, dtype: str | None = None,
+    loras: Sequence[Any] = (),
 ) -> str:
-    """What makes an output what it is: case, media files, settings, model, dtype. Resume compares it."""
+    """What makes an output what it is: case, media files, settings, model, dtype, LoRAs. Resume compares it."""
     payload = {
         "case": {k: v for k, v in case.to_dict().items() if k not in ("name", "source")},
         "prompt": prompt or case.prompt,
@@ -135,6 +136,8 @@ def fingerprint(
     }
     if dtype is not None:
         payload["dtype"] = dtype
+    if loras:  # only when merged, so fingerprints of runs without LoRAs stay as they were
+        payload["loras"] = [dataclasses.asdict(ref) for ref in loras]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -190,7 +193,7 @@ class BatchRunner:
 
     def fingerprint(self, case: Case) -> str:
         runtime = self.options.runtime
-        return fingerprint(case, self.settings, self.model_identity, dtype=runtime.dtype if runtime else None)
+        return fingerprint(case, self.settings, self.model_identity, dtype=runtime.dtype if runtime else None, loras=runtime.loras if runtime else ())
 
     def run_case(self, index: int, total: int, case: Case, plan: CasePlan) -> CaseRecord:
         started = time.perf_counter()

@@ -1,7 +1,8 @@
-"""The denoise loop: noise, scheduler, expert switch with omega scaling, combos, guidance, step."""
+"""The denoise loop: noise, scheduler, expert switch with per-expert omega, the passes each step needs, guidance, step."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import time
@@ -14,7 +15,8 @@ import torch
 
 from bernini import attention
 from bernini.conditioning import Conditions, Layout, SourceIdRule, build_layout, layout_key, visual_sources
-from bernini.guidance import APGSettings, Combo, GuidanceMode, GuidanceScales, combine, new_state
+from bernini.config import GenerationSettings
+from bernini.guidance import APGSettings, Combo, GuidanceMode, GuidanceScales, active_combos, combine, new_state
 from bernini.models.transformer import TextKV, WanTransformer
 
 log = logging.getLogger(__name__)
@@ -43,8 +45,22 @@ class NonFiniteError(RuntimeError):
     """The latent stopped being finite; nothing is decoded or written."""
 
 
+SOLVERS: tuple[str, ...] = ("unipc", "euler")
+
+# Wan2.2's scheduler_config.json: what the dry run plans steps with before any checkpoint is read.
+DEFAULT_SCHEDULER_CONFIG: dict[str, Any] = {
+    "prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 3.0, "solver_order": 2,
+    "solver_type": "bh2", "predict_x0": True, "lower_order_final": True, "final_sigmas_type": "zero",
+    "timestep_spacing": "linspace", "num_train_timesteps": 1000,
+}
+
+
 class EulerFlowScheduler:
-    """The official --no-use_unipc fallback: Euler on shifted linspace(1, 0, N) sigmas, last one 0."""
+    """The official --no-use_unipc fallback (--solver euler): Euler on shifted linspace(1, 0, N) sigmas, last one 0.
+
+    Its last step goes from sigma 0 to 0 and cannot move the latent. Written here because diffusers'
+    FlowMatchEulerDiscreteScheduler, given the same sigmas, shifts them in float32 and differs in the last bits.
+    """
 
     def __init__(self, shift: float, num_train_timesteps: int = 1000):
         self.shift = shift
@@ -107,7 +123,7 @@ class SamplingPlan:
     """What the loop needs besides the models: the mode, scales and the scheduler settings."""
 
     mode: GuidanceMode
-    scales: GuidanceScales
+    scales: GuidanceScales  # the high expert's (and a single expert's)
     omega_scale: float
     apg: APGSettings
     steps: int
@@ -115,6 +131,86 @@ class SamplingPlan:
     use_unipc: bool
     boundary: float
     batch_combos: bool = True
+    low: tuple[float | None, float | None, float | None] = (None, None, None)  # explicit low-expert (vid, img, txt)
+    switch_step: int | None = None  # number of high-expert steps; None: the boundary rule
+    skip_zero_passes: bool = True
+
+    def expert_scales(self, experts: tuple[str, ...]) -> dict[str, GuidanceScales]:
+        """The high expert's ω as given; the low one's explicit values, else the high ones x omega_scale (the switch rule)."""
+        switched = self.scales.scaled(self.omega_scale) if "high" in experts else self.scales
+        return {"high": self.scales, "low": switched.replaced(*self.low)}
+
+
+def sampling_plan(settings: GenerationSettings, mode: GuidanceMode, boundary: float, batch_combos: bool = True) -> SamplingPlan:
+    """The loop's plan from the generation settings; the renderer's config gives the switch boundary."""
+    return SamplingPlan(
+        mode=mode,
+        scales=GuidanceScales(settings.omega_vid, settings.omega_img, settings.omega_txt),
+        omega_scale=settings.omega_scale,
+        apg=APGSettings(settings.eta, tuple(settings.norm_threshold), settings.momentum),
+        steps=settings.num_inference_steps,
+        shift=settings.flow_shift,
+        use_unipc=settings.use_unipc,
+        boundary=boundary,
+        batch_combos=batch_combos,
+        low=(settings.omega_vid_low, settings.omega_img_low, settings.omega_txt_low),
+        switch_step=settings.switch_step,
+        skip_zero_passes=settings.skip_zero_passes,
+    )
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a case: its expert, its ω, and the guidance passes it runs (none: it cannot move the latent)."""
+
+    index: int
+    expert: str
+    scales: GuidanceScales
+    passes: tuple[Combo, ...]
+    buffers_read_later: frozenset[str] = frozenset()  # APG terms whose momentum a later step reads
+
+
+def step_experts(plan: SamplingPlan, timesteps: torch.Tensor, experts: tuple[str, ...]) -> list[str]:
+    """The expert of every step: the first --switch_step steps high and the rest low, or the boundary rule."""
+    if plan.switch_step is None:
+        return expert_schedule(timesteps, experts, plan.boundary)
+    if experts != ("high", "low"):
+        raise ValueError(f"--switch_step needs both experts, but this model has only {experts[0]!r}; drop --switch_step")
+    if not 0 <= plan.switch_step <= len(timesteps):
+        raise ValueError(f"--switch_step {plan.switch_step} is outside 0..{len(timesteps)} (the number of steps)")
+    return ["high"] * plan.switch_step + ["low"] * (len(timesteps) - plan.switch_step)
+
+
+def plan_steps(plan: SamplingPlan, timesteps: torch.Tensor, sigmas: list[float], experts: tuple[str, ...]) -> list[Step]:
+    """Every step's expert, ω and passes; with skip_zero_passes, passes of zero weight and steps of dt 0 are left out.
+
+    An Euler step moves x by (sigma_next - sigma) * v: when that is 0 (the official grid's last step), no pass
+    can change the result. UniPC's update is not of that form, so its steps always run.
+    """
+    names = step_experts(plan, timesteps, experts)
+    scales = plan.expert_scales(experts)
+    still = [plan.skip_zero_passes and not plan.use_unipc and sigmas[i + 1] == sigmas[i] for i in range(len(names))]
+    steps: list[Step] = []
+    read_later: frozenset[str] = frozenset()
+    for i in reversed(range(len(names))):  # backwards, so each step knows which momentum buffers later steps read
+        s = scales[names[i]]
+        if still[i]:
+            steps.append(Step(i, names[i], s, ()))
+            continue
+        passes = active_combos(plan.mode, s, plan.apg, read_later) if plan.skip_zero_passes else plan.mode.combos
+        steps.append(Step(i, names[i], s, passes, read_later))
+        if plan.mode.uses_apg and plan.apg.momentum != 0:
+            read_later = read_later | {t.scale for t in plan.mode.terms if getattr(s, t.scale) != 0}
+    return steps[::-1]
+
+
+@functools.lru_cache(maxsize=64)
+def preview_steps(settings: GenerationSettings, mode: GuidanceMode, experts: tuple[str, ...] = ("high", "low"), boundary: float = 0.875) -> tuple[Step, ...]:
+    """The steps a render will run, planned before any checkpoint is read (Wan2.2's scheduler config, A14B's boundary)."""
+    plan = sampling_plan(settings, mode, boundary)
+    scheduler = make_scheduler(DEFAULT_SCHEDULER_CONFIG, plan.shift, plan.use_unipc)
+    set_official_timesteps(scheduler, plan.steps, "cpu")
+    return tuple(plan_steps(plan, scheduler.timesteps, scheduler.sigmas.tolist(), experts))
 
 
 @dataclass
@@ -132,6 +228,7 @@ class DenoiseResult:
     expert_steps: dict[str, int] = field(default_factory=dict)
     expert_seconds: dict[str, float] = field(default_factory=dict)
     scales: dict[str, dict[str, float]] = field(default_factory=dict)
+    passes: list[int] = field(default_factory=list)  # guidance passes each step ran
 
 
 class Denoiser:
@@ -180,40 +277,43 @@ class Denoiser:
         set_official_timesteps(scheduler, plan.steps, self.device)
         timesteps = scheduler.timesteps
         sigmas = scheduler.sigmas.tolist()
-        schedule = expert_schedule(timesteps, self.expert_names, plan.boundary)
+        steps = plan_steps(plan, timesteps, sigmas, self.expert_names)
         groups = self._groups(plan, cond, rule, target_grid)
         text_order = ("u", "c")
         text_batch = torch.cat([text[k] for k in text_order]).to(self.device)
         state = new_state(plan.mode)
-        scales, switched = plan.scales, False
         x = noise.to(self.device)
         result = DenoiseResult(latent=x)
         cache: dict[str, tuple[TextKV, list[torch.Tensor | None]]] = {}
+        working = [step for step in steps if step.passes]
 
-        for i, t in enumerate(timesteps):
+        for step, t in zip(steps, timesteps, strict=True):
             start = time.perf_counter()
-            name = schedule[i]
-            if name == "low" and not switched and "high" in self.expert_names:
-                switched, scales = True, scales.scaled(plan.omega_scale)  # once, at the switch
-            result.scales.setdefault(name, {"vid": scales.vid, "img": scales.img, "txt": scales.txt})
-            model = self.experts(name)
-            if self.prefetch is not None and i + 1 < len(schedule) and schedule[i + 1] != name:
-                self.prefetch(schedule[i + 1])  # before this step's forward is queued, so the copy overlaps it
-            if name not in cache:  # text K/V and condition tokens are fixed for the case
-                cache.clear()
-                cond_tokens = [self._embed_conditions(model, layout) for layout, _ in groups]
-                cache[name] = (model.encode_text(text_batch), cond_tokens)
-            kv_all, cond_tokens = cache[name]
-            preds = self._predict(model, plan, groups, cond_tokens, kv_all, text_order, x, t)
-            v = combine(plan.mode, preds, x, sigmas[i], target_grid[0], scales, plan.apg, state)
-            x = scheduler.step(v, t, x).prev_sample
-            if not torch.isfinite(x).all():
-                raise NonFiniteError(
-                    f"the latent became non-finite at step {i + 1}/{len(timesteps)} (t={float(t):.0f}) "
-                    f"with the {name!r} expert, dtype {next(model.parameters()).dtype}, attention "
-                    f"{attention.current_backend()}; try --dtype float32 or --attention sdpa"
-                )
+            i, name = step.index, step.expert
+            result.scales.setdefault(name, {"vid": step.scales.vid, "img": step.scales.img, "txt": step.scales.txt})
+            if not step.passes:  # dt is 0: x + 0 * v is x whatever v is, so no forward can matter
+                x = scheduler.step(torch.zeros_like(x), t, x).prev_sample
+            else:
+                model = self.experts(name)
+                upcoming = next((s.expert for s in working if s.index > i), name)
+                if self.prefetch is not None and upcoming != name:
+                    self.prefetch(upcoming)  # before this step's forward is queued, so the copy overlaps it
+                if name not in cache:  # text K/V and condition tokens are fixed for the case
+                    cache.clear()
+                    cond_tokens = [self._embed_conditions(model, layout) for layout, _ in groups]
+                    cache[name] = (model.encode_text(text_batch), cond_tokens)
+                kv_all, cond_tokens = cache[name]
+                preds = self._predict(model, plan, groups, cond_tokens, kv_all, text_order, x, t, step.passes)
+                v = combine(plan.mode, preds, x, sigmas[i], target_grid[0], step.scales, plan.apg, state, step.buffers_read_later)
+                x = scheduler.step(v, t, x).prev_sample
+                if not torch.isfinite(x).all():
+                    raise NonFiniteError(
+                        f"the latent became non-finite at step {i + 1}/{len(timesteps)} (t={float(t):.0f}) "
+                        f"with the {name!r} expert, dtype {next(model.parameters()).dtype}, attention "
+                        f"{attention.current_backend()}; try --dtype float32 or --attention sdpa"
+                    )
             seconds = time.perf_counter() - start
+            result.passes.append(len(step.passes))
             result.expert_steps[name] = result.expert_steps.get(name, 0) + 1
             result.expert_seconds[name] = result.expert_seconds.get(name, 0.0) + seconds
             if on_step is not None:
@@ -226,10 +326,10 @@ class Denoiser:
         patches = layout.condition_patches()
         return None if patches is None else model.embed(patches.to(model.proj_out.weight.device))
 
-    def _predict(self, model, plan, groups, cond_tokens, kv_all, text_order, x, t) -> dict[Combo, torch.Tensor]:
+    def _predict(self, model, plan, groups, cond_tokens, kv_all, text_order, x, t, passes) -> dict[Combo, torch.Tensor]:
         target = model.embed(x)
         preds: dict[Combo, torch.Tensor] = {}
-        mine = self.combos.select([(c, layout.total_tokens) for layout, combos in groups for c in combos])
+        mine = self.combos.select([(c, layout.total_tokens) for layout, combos in groups for c in combos if c in passes])
         for (layout, all_combos), cond in zip(groups, cond_tokens, strict=True):
             combos = [c for c in all_combos if c in mine]
             if not combos:
@@ -242,4 +342,4 @@ class Denoiser:
                 out = model(tokens.expand(len(batch), -1, -1), timestep, kv, (layout.cos, layout.sin))
                 for j, combo in enumerate(batch):
                     preds[combo] = out[j : j + 1, -layout.target_tokens :]
-        return self.combos.exchange(preds, plan.mode.combos)
+        return self.combos.exchange(preds, passes)

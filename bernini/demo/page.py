@@ -11,6 +11,7 @@ import gradio as gr
 
 from bernini.demo.service import KNOBS, Cancelled, DemoRequest, DemoService, RenderError
 from bernini.guidance import GUIDANCE_MODES
+from bernini.presets import PRESETS, Preset
 from bernini.sampling import StepEvent
 from bernini.tasks import Task, get_task
 
@@ -33,7 +34,23 @@ def request_from_page(values: Mapping[str, Any]) -> DemoRequest:
         images=tuple(str(p) for p in images),
         use_pe=bool(values.get("use_pe")),
         knobs={k: values[k] for k in KNOBS if k in values},
+        loras=tuple((str(name), float(values.get("lora_scale") or 1.0), str(values.get("lora_expert") or "lora")) for name in values.get("loras") or ()),
     )
+
+
+# The page's knobs a preset sets (argparse dests of bernini/presets.py), and how each one's value goes in.
+PRESET_KNOBS = ("guidance_mode", "num_inference_steps", "flow_shift", "omega_vid", "omega_img", "omega_txt", "omega_vid_low", "omega_img_low", "omega_txt_low", "use_unipc")
+
+
+def preset_updates(name: str) -> list[Any]:
+    """gr.update per PRESET_KNOBS, then the note; 'none' changes no knob."""
+    preset: Preset | None = PRESETS.get(name)
+    if preset is None:
+        return [gr.update() for _ in PRESET_KNOBS] + [gr.update(value="")]
+    values = {**preset.values, "use_unipc": preset.values.get("solver", "unipc") == "unipc"}
+    loras = ", ".join((*preset.lora_high, *preset.lora_low))
+    note = f"{preset.summary}. Source: {preset.source}. Tasks: {', '.join(preset.tasks)}." + (f" Its LoRAs ({loras}) are merged at launch: start the demo with --preset {preset.name}." if loras else "")
+    return [gr.update(value=values[k]) if k in values else gr.update() for k in PRESET_KNOBS] + [gr.update(value=note)]
 
 
 @dataclass(frozen=True)
@@ -126,6 +143,25 @@ class Page:
             f["omega_img"] = _slider("ω image", s.omega_img, (0, 10, 0.05), "omega-img")
             f["omega_txt"] = _slider("ω text", s.omega_txt, (0, 10, 0.05), "omega-txt")
             f["omega_scale"] = _slider("ω scale after the expert switch", s.omega_scale, (0, 2, 0.05), "omega-scale")
+            with gr.Row():
+                for term, what in (("vid", "video"), ("img", "image"), ("txt", "text")):
+                    f[f"omega_{term}_low"] = gr.Number(value=getattr(s, f"omega_{term}_low"), label=f"ω {what}, low-noise expert (empty: ω x scale)", elem_id=f"omega-{term}-low")
+        with gr.Accordion("Few steps and LoRAs", open=False):
+            f["preset"] = gr.Dropdown([("none", "none"), *[(f"{p.name}: {p.summary}", p.name) for p in PRESETS.values()]], value=s.preset or "none", label="Preset (published recipes; sets the knobs)", elem_id="preset")
+            self.preset_note = gr.Markdown("", elem_id="preset-note")
+            f["use_unipc"] = gr.Dropdown([("UniPC", True), ("Euler (the official fallback)", False)], value=s.use_unipc, label="Solver", elem_id="solver")
+            self._lora_picker()
+
+    def _lora_picker(self) -> None:
+        """Files of --lora_dir; picking other LoRAs loads the experts again before the render (they are merged at load)."""
+        f, service = self.fields, self.service
+        merged = ", ".join(f"{r.source} x {r.scale:g} ({r.expert})" for r in service.loaded_loras()) or "none"
+        gr.Markdown(f"Merged now: {merged}", elem_id="loras-merged")
+        if service.lora_dir is None:
+            return
+        f["loras"] = gr.CheckboxGroup(service.lora_files(), value=[], label=f"LoRAs from {service.lora_dir}", elem_id="loras")
+        f["lora_scale"] = _slider("LoRA strength", 1.0, (-2, 2, 0.05), "lora-scale")
+        f["lora_expert"] = gr.Radio([("both experts", "lora"), ("high-noise", "lora_high"), ("low-noise", "lora_low")], value="lora", label="Merged into", elem_id="lora-expert")
 
     @staticmethod
     def _outputs() -> list[Any]:
@@ -140,6 +176,7 @@ class Page:
         f = self.fields
         shown = ["guidance_mode", "source_video", "reference_video", "image", "images", "num_frames", "fps", "height", "width", "max_image_size"]
         f["task_type"].change(self.on_task, inputs=f["task_type"], outputs=[f[k] for k in shown], queue=False, api_visibility="private")
+        f["preset"].change(preset_updates, inputs=f["preset"], outputs=[f[k] for k in PRESET_KNOBS] + [self.preset_note], queue=False, api_visibility="private")
         run = generate.click(self.on_generate, inputs_kwargs=dict(f), outputs=outputs, api_name="generate", concurrency_limit=1)
         # Not queued: it must get through while the one queue slot is busy rendering.
         stop.click(self.on_stop, outputs=outputs[3], cancels=[run], queue=False, api_name="stop")

@@ -56,6 +56,7 @@ def build_parser(prog: str = "gradio_demo.py") -> argparse.ArgumentParser:
     d.add_argument("--save_dir", type=Path, default=Path(DEFAULT_SAVE_DIR), help="results and their JSON sidecars; the only folder the server serves files from")
     d.add_argument("--queue_size", type=int, default=20, help="requests that may wait; more are refused until the queue drains")
     d.add_argument("--max_file_size", default="500mb", help="upload size cap, gradio syntax (500mb, 2gb)")
+    d.add_argument("--lora_dir", type=Path, help="folder of .safetensors LoRAs the page offers (picking others loads the experts again)")
     return parser
 
 
@@ -154,12 +155,12 @@ def base_settings(args: argparse.Namespace) -> GenerationSettings:
     return settings_from(args)
 
 
-def serve_page(args: argparse.Namespace, access: Access, runner: JobRunner) -> int:
+def serve_page(args: argparse.Namespace, access: Access, runner: JobRunner, switch_loras: Any = None) -> int:
     """Rank 0 (or the only process): the page, until interrupted."""
     save_dir = args.save_dir.resolve()
     save_dir.mkdir(parents=True, exist_ok=True)
     enhance = make_enhancer(args) if args.use_pe else None
-    service = DemoService(runner, base_settings(args), save_dir, enhance)
+    service = DemoService(runner, base_settings(args), save_dir, enhance, args.lora_dir, switch_loras)
     app = build_app(service, args.use_pe)
     try:
         start(app, access, save_dir, args.max_file_size, args.queue_size)
@@ -175,7 +176,29 @@ def serve_single(args: argparse.Namespace, access: Access, sources: Any, runtime
     renderer = Renderer.load(sources, runtime)
     options = BatchOptions(output_dir=args.save_dir.resolve(), runtime=runtime)
     runner = JobRunner(renderer.render, model_identity(sources), options, LocalPeers(), renderer.load_seconds, renderer.device)
-    return serve_page(args, access, runner)
+
+    def switch_loras(loras: tuple[Any, ...]) -> None:
+        """The page picked other LoRAs: they are merged at load, so load again (checked first, the old models freed)."""
+        from bernini import lora
+        from bernini.pipeline import expert_configs
+        from bernini.runner import release_memory
+
+        lora.prepare(loras, expert_configs(sources))
+        old_runtime = runner.options.runtime or runtime
+        new_runtime = dataclasses.replace(old_runtime, loras=loras)
+        runner.render = None
+        release_memory()
+        try:
+            fresh = Renderer.load(sources, new_runtime)
+        except Exception:
+            fallback = Renderer.load(sources, old_runtime)  # back to the LoRAs it had, then say why
+            runner.render, runner.load_seconds = fallback.render, fallback.load_seconds
+            raise
+        runner.render, runner.load_seconds = fresh.render, fresh.load_seconds
+        runner.options = dataclasses.replace(runner.options, runtime=new_runtime)
+
+    del renderer  # switch_loras must be able to free it
+    return serve_page(args, access, runner, switch_loras)
 
 
 def group_topology(args: argparse.Namespace, env: LaunchEnv, sources: Any) -> Topology:

@@ -15,16 +15,19 @@ import torch.distributed as dist
 
 from bernini.cases import Case, CaseError, check_task_inputs, parse_case
 from bernini.config import GenerationSettings
+from bernini.lora import LoraRef, resolve
 from bernini.parallel.groups import Groups
 from bernini.plan import CasePlan, plan_case
+from bernini.presets import get_preset
 from bernini.runner import BatchOptions, BatchRunner, CaseRecord, sidecar_path
 from bernini.sampling import StepEvent
 from bernini.tasks import Task
 
 REQUEST_SOURCE = "request"  # how validation messages name a browser request (the CLI says the case file)
 INT_KNOBS = ("seed", "num_inference_steps", "num_frames", "max_image_size", "height", "width")
-FLOAT_KNOBS = ("fps", "flow_shift", "omega_vid", "omega_img", "omega_txt", "omega_scale")
-KNOBS = INT_KNOBS + FLOAT_KNOBS
+FLOAT_KNOBS = ("fps", "flow_shift", "omega_vid", "omega_img", "omega_txt", "omega_scale", "omega_vid_low", "omega_img_low", "omega_txt_low")
+BOOL_KNOBS = ("use_unipc",)
+KNOBS = INT_KNOBS + FLOAT_KNOBS + BOOL_KNOBS + ("preset",)
 
 Enhance = Callable[[Case], tuple[str, dict[str, Any]]]
 
@@ -52,6 +55,7 @@ class DemoRequest:
     images: tuple[str, ...] = ()
     use_pe: bool = False
     knobs: Mapping[str, Any] = field(default_factory=dict)  # GenerationSettings fields (KNOBS)
+    loras: tuple[tuple[str, float, str], ...] = ()  # picked LoRAs: (file in --lora_dir, scale, "lora" | "lora_high" | "lora_low")
 
     def case_data(self) -> dict[str, Any]:
         """The request as a case-file object, so parse_case checks it exactly like the CLI."""
@@ -76,8 +80,11 @@ def settings_with(base: GenerationSettings, knobs: Mapping[str, Any]) -> Generat
     for name, value in knobs.items():
         if value is None:
             continue
+        if name == "preset":
+            values[name] = get_preset(str(value)).name if value and value != "none" else None
+            continue
         try:
-            values[name] = int(value) if name in INT_KNOBS else float(value)
+            values[name] = int(value) if name in INT_KNOBS else bool(value) if name in BOOL_KNOBS else float(value)
         except (TypeError, ValueError):
             raise ValueError(f"invalid generation setting: {name} must be a number, got {value!r}") from None
     return replace(base, **values)
@@ -92,6 +99,7 @@ class Job:
     settings: GenerationSettings
     prompt: str
     pe_info: dict[str, Any] | None = None
+    loras: tuple[LoraRef, ...] | None = None  # the LoRAs the experts must hold; None: whatever they hold
 
 
 @dataclass(frozen=True)
@@ -220,11 +228,23 @@ class JobRunner:
 class DemoService:
     """Validates requests like the CLI and renders them one at a time; what the page and tests call."""
 
-    def __init__(self, runner: JobRunner, settings: GenerationSettings, save_dir: Path, enhance: Enhance | None = None) -> None:
+    def __init__(
+        self,
+        runner: JobRunner,
+        settings: GenerationSettings,
+        save_dir: Path,
+        enhance: Enhance | None = None,
+        lora_dir: Path | None = None,
+        switch_loras: Callable[[tuple[LoraRef, ...]], None] | None = None,
+    ) -> None:
         self.runner = runner
         self.settings = settings
         self.save_dir = save_dir.resolve()
         self.enhance = enhance
+        if lora_dir is not None and not lora_dir.is_dir():
+            raise ValueError(f"--lora_dir {lora_dir} is not a folder")
+        self.lora_dir = lora_dir.resolve() if lora_dir is not None else None  # the page's LoRA picker lists its files
+        self.switch_loras = switch_loras  # reloads the experts with other LoRAs (merged at load); None under torchrun
         # One render at a time even when gradio abandons a cancelled call's thread (it cannot kill it).
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -240,8 +260,29 @@ class DemoService:
         name = f"{case.task_type}_{datetime.now():%Y%m%d_%H%M%S_%f}"
         case = replace(case, name=name, output=self._free_output(name, case.task), explicit_output=True)
         plan = plan_case(case, settings)
+        loras = self._picked_loras(request.loras)
         prompt, pe_info = self._enhanced(case) if request.use_pe else (case.prompt, None)
-        return Job(case, plan, settings, prompt, pe_info)
+        return Job(case, plan, settings, prompt, pe_info, loras)
+
+    def lora_files(self) -> list[str]:
+        """The .safetensors files of --lora_dir, as the picker names them."""
+        return sorted(str(p.relative_to(self.lora_dir)) for p in self.lora_dir.rglob("*.safetensors")) if self.lora_dir else []
+
+    def loaded_loras(self) -> tuple[LoraRef, ...]:
+        runtime = self.runner.options.runtime
+        return runtime.loras if runtime is not None else ()
+
+    def _picked_loras(self, picked: tuple[tuple[str, float, str], ...]) -> tuple[LoraRef, ...] | None:
+        """The launch's LoRAs from folders other than --lora_dir, plus the picked ones; None without a picker."""
+        if self.lora_dir is None:
+            if picked:
+                raise ValueError("no LoRA folder: start the demo with --lora_dir DIR to pick LoRAs")
+            return None
+        unknown = [name for name, _, _ in picked if name not in self.lora_files()]
+        if unknown:
+            raise ValueError(f"LoRA {unknown[0]!r} is not a .safetensors file of {self.lora_dir}")
+        kept = tuple(r for r in self.loaded_loras() if not Path(r.file).resolve().is_relative_to(self.lora_dir))
+        return kept + resolve([(flag, f"{self.lora_dir / name}:{scale}") for name, scale, flag in picked])
 
     def _enhanced(self, case: Case) -> tuple[str, dict[str, Any] | None]:
         assert self.enhance is not None
@@ -264,6 +305,10 @@ class DemoService:
             self._session = session
             self._stop.clear()
             try:
+                if job.loras is not None and job.loras != self.loaded_loras():
+                    if self.switch_loras is None:
+                        raise ValueError("LoRAs are fixed at launch under torchrun (--lora); the picker works in a one-process demo")
+                    self.switch_loras(job.loras)  # merged at load: the experts load again, once per new set
                 record = self.runner.run(job, StepProgress(lambda: self.runner.peers.agree(self._stop.is_set()), report))
                 stopped = self._stop.is_set()
             finally:

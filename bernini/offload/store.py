@@ -199,20 +199,25 @@ def load_blockwise(
     dtype: torch.dtype,
     keep_fp32: tuple[str, ...],
     each_block: Callable[[nn.Module], None],
+    transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
     """Fill a meta-device model one block at a time; ``each_block`` converts or moves a block right after it lands.
 
     So at most one block's loaded copy exists beside what ``each_block`` keeps (fp8 weights, a pinned host copy).
+    ``transform`` (a LoRA merge) sees each tensor as read, by its model key, before ``each_block``.
     """
     per_block, rest = _block_sources(sources, len(model.blocks))
     blocks = model.blocks
     with _quiet(weights.__name__):
-        for block, block_sources in zip(blocks, per_block, strict=True):
-            weights.load_weights(block, block_sources, device=device, dtype=dtype, keep_fp32=keep_fp32)
+        for index, (block, block_sources) in enumerate(zip(blocks, per_block, strict=True)):
+            # The block's loader names keys without "blocks.i.".
+            local = None if transform is None else (lambda key, tensor, p=f"blocks.{index}.": transform(p + key, tensor))
+            weights.load_weights(block, block_sources, device=device, dtype=dtype, keep_fp32=keep_fp32, transform=local)
             each_block(block)
     model.blocks = nn.ModuleList()  # the non-block parts alone, so the loader sees no missing block keys
     try:
-        weights.load_weights(model, rest, device=device, dtype=dtype, keep_fp32=keep_fp32)
+        weights.load_weights(model, rest, device=device, dtype=dtype, keep_fp32=keep_fp32, transform=transform)
     finally:
         model.blocks = blocks
     log.info("%s: %d blocks loaded one by one onto %s", type(model).__name__, len(blocks), device)
+

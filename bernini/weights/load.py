@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +20,7 @@ logger = logging.getLogger(__package__)  # "bernini.weights" in every module, as
 DEFAULT_KEEP_FP32: tuple[str, ...] = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
 
 Source = Mapping[str, Path | str | TensorRef]
+Transform = Callable[[str, torch.Tensor], torch.Tensor]  # (model key, tensor as read) -> the tensor to keep
 
 
 @dataclass(frozen=True)
@@ -53,12 +54,14 @@ def load_weights(
     dtype: torch.dtype | None = torch.bfloat16,
     keep_fp32: tuple[str, ...] = DEFAULT_KEEP_FP32,
     strict: bool = True,
+    transform: Transform | None = None,
 ) -> LoadReport:
     """Fill a (meta-device) module from safetensors, tensor by tensor, straight onto ``device``.
 
     ``sources`` is one mapping or several in priority order (later ones fill keys missing
     from earlier ones); values are a file (file key = model key) or a ``(file, file_key)`` pair.
-    Floating tensors are cast to ``dtype`` except those with a name component in ``keep_fp32``.
+    Floating tensors are cast to ``dtype`` except those with a name component in ``keep_fp32``;
+    ``transform`` (e.g. a LoRA merge) sees each tensor as read, before that cast.
     """
     normalized = [normalize_source(source) for source in as_source_list(sources)]
     description = describe_sources(normalized)
@@ -73,7 +76,7 @@ def load_weights(
         raise WeightsError(missing_message(module, report, len(slots)))
     check_shapes(plan, slots)
     check_unsaved_buffers(module, slots, strict)
-    assign_tensors(plan, slots, torch.device(device), dtype, keep_fp32)
+    assign_tensors(plan, slots, torch.device(device), dtype, keep_fp32, transform)
     place_unsaved_buffers(module, slots, torch.device(device))
     return report
 
@@ -219,14 +222,17 @@ def assign_tensors(
     device: torch.device,
     dtype: torch.dtype | None,
     keep_fp32: tuple[str, ...],
+    transform: Transform | None = None,
 ) -> None:
     """Read one tensor at a time onto ``device`` and swap it into the module (no second full copy)."""
     for file, items in group_by_file(plan).items():
         logger.debug("reading %d tensors from %s", len(items), file)
         with safe_open(str(file), framework="pt", device=safetensors_device(device)) as handle:
             for key, file_key in items:
-                tensor = own_aligned(cast_tensor(handle.get_tensor(file_key), key, dtype, keep_fp32))
-                put_tensor(slots[key], tensor)
+                tensor = handle.get_tensor(file_key)
+                if transform is not None:
+                    tensor = transform(key, tensor)
+                put_tensor(slots[key], own_aligned(cast_tensor(tensor, key, dtype, keep_fp32)))
 
 
 def safetensors_device(device: torch.device) -> str | int:
