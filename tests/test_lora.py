@@ -269,13 +269,15 @@ def test_lora_with_fp8_weights_is_merged_before_conversion(tiny: Path, case: Cas
     _, full_precision = render(reference, case, RuntimeConfig(**RUNTIME))  # type: ignore[arg-type]
     quantized, got = render(tiny, case, runtime_for("--lora", str(file), "--weights", "fp8"))
     assert 0 < rel_l2(got, full_precision) < FP8_RENDER_RTOL
-    linear = quantized.experts["high"].blocks[0].attn1.to_q
-    assert isinstance(linear, fp8.FP8Linear)
+    fused = quantized.experts["high"].blocks[0].attn1.to_qkv  # self-attention's Q, K, V rows in one Linear
+    assert isinstance(fused, fp8.FP8Linear)
     want_w, want_s = fp8.quantize(torch.from_numpy(merged_high["blocks.0.attn1.to_q.weight"]))
     base_w, _ = fp8.quantize(torch.from_numpy(high["blocks.0.attn1.to_q.weight"]))
-    same = (linear.weight.view(torch.uint8) == want_w.view(torch.uint8)).float().mean()
-    assert same > 0.99 and torch.allclose(linear.weight_scale, want_s, rtol=1e-6)  # the merged weight was quantized
-    assert (linear.weight.view(torch.uint8) == base_w.view(torch.uint8)).float().mean() < 0.5  # not the base weight
+    rows = want_w.shape[0]  # scales are per output row, so the Q rows of the fused weight quantize on their own
+    weight, scale = fused.weight[:rows], fused.weight_scale[:rows]
+    same = (weight.view(torch.uint8) == want_w.view(torch.uint8)).float().mean()
+    assert same > 0.99 and torch.allclose(scale, want_s, rtol=1e-6)  # the merged weight was quantized
+    assert (weight.view(torch.uint8) == base_w.view(torch.uint8)).float().mean() < 0.5  # not the base weight
 
 
 # --------------------------------------------------------------------------- LoRAs that cannot be merged fail before any model loads
