@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,15 +16,15 @@ from bernini.cli import runtime_from, settings_from
 from bernini.config import GenerationSettings, RuntimeConfig
 from bernini.demo.page import build_app
 from bernini.demo.service import DemoService, DistPeers, JobRunner, LocalPeers
-from bernini.main import make_enhancer, model_identity
-from bernini.parallel.groups import Groups, LaunchEnv, Topology, build_topology, destroy_distributed, init_distributed
+from bernini.driver import LoadFailure, Session, make_enhancer
+from bernini.parallel.groups import LaunchEnv, Topology, build_topology, destroy_distributed, init_distributed
 from bernini.parallel.runner import build_parser as multi_gpu_parser
-from bernini.parallel.runner import device_for, expert_heads, launch_env, load_member
-from bernini.parallel.status import CheckedRender, GroupStatus
-from bernini.runner import BatchOptions
+from bernini.parallel.runner import launch_env
+from bernini.parallel.world import DistWorld, device_for, expert_heads
+from bernini.runner import model_identity
 
 if TYPE_CHECKING:
-    from bernini.pipeline import Renderer
+    from bernini.pipeline import ModelSources
 
 log = logging.getLogger(__package__)  # "bernini.demo" for every module of the demo, as log lines always named it
 
@@ -158,7 +157,7 @@ def serve_page(args: argparse.Namespace, access: Access, runner: JobRunner) -> i
     """Rank 0 (or the only process): the page, until interrupted."""
     save_dir = args.save_dir.resolve()
     save_dir.mkdir(parents=True, exist_ok=True)
-    enhance = make_enhancer(args) if args.use_pe else None
+    enhance = make_enhancer(args.pe_model, args.pe_on_error) if args.use_pe else None
     service = DemoService(runner, base_settings(args), save_dir, enhance)
     app = build_app(service, args.use_pe)
     try:
@@ -169,16 +168,14 @@ def serve_page(args: argparse.Namespace, access: Access, runner: JobRunner) -> i
     return 0
 
 
-def serve_single(args: argparse.Namespace, access: Access, sources: Any, runtime: RuntimeConfig) -> int:
-    from bernini.pipeline import Renderer
+def serve_single(args: argparse.Namespace, access: Access, sources: ModelSources, runtime: RuntimeConfig) -> int:
+    from bernini.engine import Engine
 
-    renderer = Renderer.load(sources, runtime)
-    options = BatchOptions(output_dir=args.save_dir.resolve(), runtime=runtime)
-    runner = JobRunner(renderer.render, model_identity(sources), options, LocalPeers(), renderer.load_seconds, renderer.device)
-    return serve_page(args, access, runner)
+    engine = Engine.from_sources(sources, runtime=runtime, settings=base_settings(args))
+    return serve_page(args, access, JobRunner(Session(engine), LocalPeers()))
 
 
-def group_topology(args: argparse.Namespace, env: LaunchEnv, sources: Any) -> Topology:
+def group_topology(args: argparse.Namespace, env: LaunchEnv, sources: ModelSources) -> Topology:
     topology = build_topology(env, args.ulysses, args.cfg_parallel, expert_heads(sources))
     if topology.dp != 1:
         raise ValueError(
@@ -188,15 +185,7 @@ def group_topology(args: argparse.Namespace, env: LaunchEnv, sources: Any) -> To
     return topology
 
 
-def load_in_group(sources: Any, runtime: RuntimeConfig, topology: Topology, groups: Groups) -> Renderer | None:
-    """Load this rank's renderer; None on every rank when any rank failed (all of them hear of it)."""
-    renderer, failure = load_member(sources, runtime, topology, groups)
-    if renderer is None:
-        log.error("the demo cannot start: %s", failure)
-    return renderer
-
-
-def serve_group(args: argparse.Namespace, access: Access, sources: Any, runtime: RuntimeConfig, env: LaunchEnv) -> int:
+def serve_group(args: argparse.Namespace, access: Access, sources: ModelSources, runtime: RuntimeConfig, env: LaunchEnv) -> int:
     """torchrun: every rank loads its part; rank 0 serves the page and shares each request."""
     topology = group_topology(args, env, sources)
     device = device_for(args.device, env)
@@ -204,13 +193,13 @@ def serve_group(args: argparse.Namespace, access: Access, sources: Any, runtime:
         torch.cuda.set_device(device)
     groups = init_distributed(topology, env, device, args.dist_timeout)
     try:
-        runtime = dataclasses.replace(runtime, device=str(device), host_ranks=env.local_world_size)
-        renderer = load_in_group(sources, runtime, topology, groups)
-        if renderer is None:
+        world = DistWorld(topology, groups, device, env.local_world_size)
+        try:
+            engine = world.load(sources, runtime, base_settings(args), model_identity(sources), [])
+        except LoadFailure as exc:  # on every rank: all of them heard of it
+            log.error("the demo cannot start: %s", exc)
             return 2
-        render = CheckedRender(renderer, GroupStatus(groups.model, topology.model_size), writer=topology.is_leader)
-        options = BatchOptions(output_dir=args.save_dir.resolve(), runtime=runtime, write_outputs=topology.is_leader)
-        runner = JobRunner(render, model_identity(sources), options, DistPeers(groups), renderer.load_seconds, renderer.device)
+        runner = JobRunner(Session(engine, world), DistPeers(groups))
         if topology.rank == 0:
             return serve_page(args, access, runner)
         runner.serve_peer()
