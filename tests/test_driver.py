@@ -37,11 +37,11 @@ def write_cases(folder: Path, *names: str) -> Path:
 
 
 class Batch:
-    """infer_single_gpu.py in a subprocess, its stderr read line by line as it comes."""
+    """A batch command in a subprocess, its stderr read line by line as it comes."""
 
-    def __init__(self, args: list[str]) -> None:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "infer_single_gpu.py", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def __init__(self, command: list[str]) -> None:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         self.lines: queue.Queue[str] = queue.Queue()
         self.err: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -77,7 +77,7 @@ class Batch:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.kill()
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the process group this test started
             self.proc.wait()
 
 
@@ -86,7 +86,7 @@ def test_a_signal_mid_render_ends_the_batch_cleanly(config: str, tmp_path: Path,
     name = signal.Signals(signum).name
     cases = write_cases(tmp_path / "cases", "a_first", "b_second", "c_third")
     out = tmp_path / "out"
-    batch = Batch(["--config", config, "--case", str(cases), "--output_dir", str(out), "--num_inference_steps", "40", *TINY])
+    batch = Batch([sys.executable, "infer_single_gpu.py", "--config", config, "--case", str(cases), "--output_dir", str(out), "--num_inference_steps", "40", *TINY])
     batch.wait_for("[2/3] b_second step 1/40", 240)  # the first case is done, the second one is rendering
     batch.proc.send_signal(signum)
     returncode, stdout, stderr = batch.finish(120)
@@ -100,6 +100,23 @@ def test_a_signal_mid_render_ends_the_batch_cleanly(config: str, tmp_path: Path,
     status = {c["name"]: (c["status"], c.get("error")) for c in summary["cases"]}
     assert status == {"a_first": ("ok", None), "b_second": ("not_run", f"interrupted by {name}"), "c_third": ("not_run", f"interrupted by {name}")}
     assert sorted(p.name for p in out.iterdir()) == ["a_first.mp4", "a_first.mp4.json", "summary.json"]  # no partial or temporary file
+
+
+def test_sigterm_to_torchrun_stops_both_ranks_of_a_group_at_the_same_step(config: str, tmp_path: Path) -> None:
+    cases = write_cases(tmp_path / "cases", "a_first", "b_second", "c_third")
+    out = tmp_path / "out"
+    batch = Batch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "infer_multi_gpu.py", "--ulysses", "2",
+                   "--config", config, "--case", str(cases), "--output_dir", str(out), "--num_inference_steps", "40", *TINY])
+    batch.wait_for("[2/3] b_second step 1/40", 300)
+    batch.proc.send_signal(signal.SIGTERM)  # torchrun passes it on to every worker
+    _returncode, stdout, stderr = batch.finish(120)  # torchrun's own exit code and report are its business
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] is True and summary["exit_code"] == 143 and summary["interrupted"] == "SIGTERM", stderr[-3000:]
+    assert summary["counts"] == {"ok": 1, "not_run": 2}  # the two ranks left b_second together: no hang, no failure
+    assert sorted(p.name for p in out.iterdir()) == ["a_first.mp4", "a_first.mp4.json", "summary.json"]
+    assert stderr.count("interrupted by SIGTERM: 1 ok, 0 failed, 0 skipped, 2 not run") == 1  # rank 0 says it once
+    assert not any("bernini/" in line and line.lstrip().startswith("File ") for line in stderr.splitlines()), "a worker printed a traceback"
+    assert stdout.strip().splitlines()[-1] == str(out / "summary.json")
 
 
 def test_the_tally_line_ends_every_run(config: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
