@@ -7,21 +7,21 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from bernini import driver
+from bernini import batch, driver
 from bernini.cli import batch_spec_from, build_parser, configure_logging, options_from, progress_for, runtime_from, settings_from, wants_progress_bars
 
 log = logging.getLogger(__name__)
 
 
-def make_enhancer(args: argparse.Namespace) -> driver.Enhance:
+def make_enhancer(args: argparse.Namespace) -> batch.Enhance:
     """The --use_pe / --pe_only hook, from the prompt-enhancer flags."""
-    return driver.make_enhancer(args.pe_model, args.pe_on_error)
+    return batch.make_enhancer(args.pe_model, args.pe_on_error)
 
 
-def request_from(args: argparse.Namespace) -> driver.BatchRequest:
+def request_from(args: argparse.Namespace) -> batch.BatchRequest:
     """The parsed flags as a batch request; ValueError names a bad setting."""
     runtime = runtime_from(args)
-    return driver.BatchRequest(
+    return batch.BatchRequest(
         spec=batch_spec_from(args),
         settings=settings_from(args),
         runtime=runtime,

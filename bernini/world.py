@@ -34,10 +34,20 @@ class LoadFailure(RuntimeError):
 class World(Protocol):
     """The processes of one run and the collectives the driver needs (each rank of a model group calls them alike)."""
 
-    rank: int  # 0 plans the batch, writes summary.json and reports
-    size: int
-    group: int  # this rank's model group: the index of its share of the batch
-    writes: bool  # this rank decodes, writes outputs and reports its group's records (the group's leader)
+    @property
+    def rank(self) -> int:
+        """0 plans the batch, writes summary.json and reports."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def group(self) -> int:
+        """This rank's model group: the index of its share of the batch."""
+
+    @property
+    def writes(self) -> bool:
+        """This rank decodes, writes outputs and reports its group's records (its group's leader)."""
 
     def broadcast(self, value: T | None) -> T:
         """Rank 0's value, on every rank."""
