@@ -4,7 +4,7 @@ python -m benchmarks.bench_server --tiny .tiny/Bernini-R-Diffusers --steps 4 --c
 
 Full-size random weights (UMT5-XXL, the Wan VAE, two A14B experts, all resident on one GPU; the tiny checkpoint
 gives only the tokenizer and scheduler config). The CLI side is what `bernini run` does for each case once the
-models are loaded (BatchRunner.run_case: render, atomic write, sidecar); the server side is a job sent with the
+models are loaded (the driver's Session.run_case: render, atomic write, sidecar); the server side is a job sent with the
 openai SDK to the real app and worker on 127.0.0.1, timed by the client from create() to the poll that sees it
 completed (0.1 s polls). Runs alternate after a warm-up render; the target is a ratio within 1.02.
 """
@@ -33,8 +33,9 @@ from benchmarks.common import device_name, write_json
 from bernini import attention
 from bernini.cases import parse_case
 from bernini.config import GenerationSettings, RuntimeConfig
+from bernini.driver import Session
+from bernini.engine import Engine
 from bernini.plan import plan_case
-from bernini.runner import BatchOptions, BatchRunner, LogProgress
 from bernini.server.app import create_app
 from bernini.server.auth import Access, Limits
 from bernini.server.folders import Redactor, ServerFolders
@@ -47,15 +48,14 @@ PROMPT = "a boat on a river at dawn"
 IDENTITY = {"config": "random full-size weights"}
 
 
-def cli_seconds(renderer: object, settings: GenerationSettings, options: BatchOptions, out_dir: Path, n: int) -> float:
-    """One case the way the CLI renders it after loading: plan, then BatchRunner.run_case (timed)."""
+def cli_seconds(session: Session, settings: GenerationSettings, out_dir: Path, n: int) -> float:
+    """One case the way the CLI renders it after loading: plan, then the driver's Session.run_case (timed)."""
     case = parse_case({"task_type": "t2v", "prompt": PROMPT}, source="<bench>", name=f"cli_{n}", base=None)
     case = replace(case, output=out_dir / f"cli_{n}.mp4", explicit_output=True)
     plan = plan_case(case, settings)
-    runner = BatchRunner(renderer.render, settings, options, IDENTITY, None, LogProgress(), 0.0)  # type: ignore[attr-defined]
     torch.cuda.synchronize()
     start = time.perf_counter()
-    record = runner.run_case(1, 1, case, plan)
+    record = session.run_case(case, plan, settings=settings)
     torch.cuda.synchronize()
     if record.status != "ok":
         raise RuntimeError(f"the CLI render failed: {record.error}")
@@ -102,10 +102,10 @@ def main() -> None:
     settings = GenerationSettings(num_inference_steps=args.steps, height=args.height, width=args.width, num_frames=args.frames)
     with tempfile.TemporaryDirectory(prefix="bench_server_") as tmp:
         root = Path(tmp)
-        options = BatchOptions(output_dir=root, runtime=runtime)
+        session = Session(Engine(renderer, renderer.sources, settings=settings, identity=IDENTITY, runtime=runtime))
         folders = ServerFolders.create(root / "server")
         store = JobStore(folders.database)
-        jobs = JobRenderer(renderer.render, IDENTITY, options, None, 0.0, renderer.device)
+        jobs = JobRenderer(session)
         redact = Redactor(folders)
         worker = Worker(store, folders, jobs, redact)
         service = JobService(store, folders, settings, Limits(), "bernini-r", redact, worker)
@@ -119,10 +119,10 @@ def main() -> None:
         worker.start()
         print(f"device: {device_name()}  attention: {attention.current_backend()}  compile: {args.compile}  "
               f"case: t2v_apg {args.width}x{args.height}, {args.frames} frames, {args.steps} steps")
-        print(f"warm-up (CLI path): {cli_seconds(renderer, settings, options, root, 0):.2f} s")
+        print(f"warm-up (CLI path): {cli_seconds(session, settings, root, 0):.2f} s")
         cli, served, inside = [], [], []
         for n in range(1, args.repeats + 1):
-            cli.append(cli_seconds(renderer, settings, options, root, n))
+            cli.append(cli_seconds(session, settings, root, n))
             wall, own = server_seconds(client, store)
             served.append(wall)
             inside.append(own)

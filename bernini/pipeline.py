@@ -1,4 +1,4 @@
-"""The renderer: owns the text encoder, VAE and experts, and turns a case into frames."""
+"""The renderer: owns the text encoder, VAE and experts, and turns a case into frames in named phases."""
 
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ from bernini.conditioning import Conditions, Source, SourceIdRule
 from bernini.config import DEFAULT_CONFIG_DIR, GenerationSettings, RendererConfig, RuntimeConfig
 from bernini.guidance import get_mode
 from bernini.models.text_encoder import TextEncoder, positive_text
-from bernini.models.transformer import TransformerConfig, WanTransformer, compile_blocks, patchify, unpatchify
+from bernini.models.transformer import LocalSequence, TransformerConfig, WanTransformer, compile_blocks, patchify, unpatchify
 from bernini.models.vae import VAE
 from bernini.offload import ExpertStore, MemoryPlan
 from bernini.plan import PATCH, CasePlan, effective_settings, plan_case
-from bernini.sampling import Denoiser, LocalCombos, StepEvent, initial_noise, sampling_plan
+from bernini.sampling import Denoiser, LocalCombos, SamplingPlan, StepEvent, initial_noise, sampling_plan
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,9 @@ def load_expert(
     plan: MemoryPlan | None = None,
     fp8_gemm: str | None = None,
     loras: lora.ExpertLoras | None = None,
+    sequence: LocalSequence | None = None,
 ) -> WanTransformer:
-    """One expert, each block finished as it lands (fused projections, FP8 conversions, a packed host copy).
+    """One expert (with this rank's sequence hooks), each block finished as it lands (fused projections, FP8 conversions, a packed host copy).
 
     With fp8 weights or an offload plan it loads block by block; ``fp8_gemm``: the backend chosen by fp8.select_gemm.
     LoRAs are merged into each weight as it is read, in float32, before any of that.
@@ -124,7 +125,7 @@ def load_expert(
         raise weights.WeightsError(f"{cfg_path} is missing: the base model must provide the transformer config")
     cfg = TransformerConfig.from_dict(json.loads(cfg_path.read_text()))
     with torch.device("meta"):
-        model = WanTransformer(cfg)
+        model = WanTransformer(cfg, sequence)
     keys = expert_weight_sources(sources, name)
     each_block = block_finisher(model, plan, device, fp8_gemm)
     merge = lora.Merger(loras) if loras is not None else None
@@ -176,9 +177,48 @@ def prepare_expert(model: WanTransformer, runtime: RuntimeConfig) -> WanTransfor
     return model
 
 
+@dataclass(frozen=True)
+class Placement:
+    """This process's part in rendering a case; the default is a process that does all of it.
+
+    bernini.parallel builds one per rank of a model group and passes it to Renderer.load; nothing
+    is set on a renderer afterwards.
+    """
+
+    sequence: LocalSequence = field(default_factory=LocalSequence)  # Ulysses: shard, attend and gather over the group
+    passes: LocalCombos = field(default_factory=LocalCombos)  # CFG parallel: which guidance passes run here
+    decodes: bool = True  # False on ranks that help a group but do not decode or write
+
+
+@dataclass
+class Prepared:
+    """A case ready to denoise: the prompt, text embeddings, condition latents, noise and sampling plan."""
+
+    case: Case
+    plan: CasePlan
+    prompt_used: str
+    text: dict[str, torch.Tensor]  # {'u': negative, 'c': positive} [1, 512, D]
+    conditions: Conditions
+    noise: torch.Tensor  # packed [1, L_target, F] float32
+    sampling: SamplingPlan
+    rule: SourceIdRule
+    timings: dict[str, float] = field(default_factory=dict)
+    copied_bytes: int = 0  # the expert store's copy counter when the case started
+
+
+@dataclass
+class Denoised:
+    """The final latent of a case and what its denoising did."""
+
+    latent: torch.Tensor  # normalized latent [1, 16, T', H', W']
+    expert_steps: dict[str, int]
+    scales: dict[str, dict[str, float]]  # the guidance scales each expert used
+    timings: dict[str, float] = field(default_factory=dict)
+
+
 @dataclass
 class RenderOutput:
-    frames: np.ndarray  # [T, H, W, 3] float32 in [0, 1]
+    frames: np.ndarray  # [T, H, W, 3] float32 in [0, 1]; empty on a rank that does not decode
     plan: CasePlan
     prompt_used: str
     timings: dict[str, float] = field(default_factory=dict)
@@ -186,8 +226,14 @@ class RenderOutput:
     latent: torch.Tensor | None = None  # final normalized latent [1, 16, T', H', W']
 
 
+def memory_plan_for(sources: ModelSources, runtime: RuntimeConfig, workload: memory.Workload | None = None) -> MemoryPlan:
+    """The memory plan Renderer.load would follow on this machine; known before anything loads."""
+    device = resolve_device(runtime.device)
+    return offload.plan_for_run(sources.base, len(sources.renderer.experts), runtime, device, workload, sources.renderer.max_sequence_length)
+
+
 class Renderer:
-    """Loads once, renders many cases. Experts are named 'high' and 'low'."""
+    """Loads once, renders many cases in named phases: prepare, denoise, decode. Experts are named 'high' and 'low'."""
 
     def __init__(
         self,
@@ -200,6 +246,7 @@ class Renderer:
         device: torch.device,
         store: ExpertStore | None = None,
         memory_plan: MemoryPlan | None = None,
+        placement: Placement | None = None,
     ):
         self.sources = sources
         self.text_encoder = text_encoder
@@ -210,10 +257,9 @@ class Renderer:
         self.scheduler_config = scheduler_config
         self.runtime = runtime
         self.device = device
+        self.placement = placement or Placement()
         self.load_seconds = 0.0
         self.text_visit: offload.HostModule | None = None  # UMT5's pinned host copy when it visits the GPU to encode
-        self.combos: LocalCombos | None = None  # bernini.parallel installs CFG-parallel placement
-        self.decode_outputs = True  # False on ranks that help a group but do not write
         self.fp8_gemm: str | None = None  # the --fp8_gemm backend the experts were converted for (None: exact GEMMs)
 
     @classmethod
@@ -229,17 +275,27 @@ class Renderer:
         return cls.load(resolve_sources(config, high_noise_ckpt, low_noise_ckpt), runtime, workload)
 
     @classmethod
-    def load(cls, sources: ModelSources, runtime: RuntimeConfig = RuntimeConfig(), workload: memory.Workload | None = None) -> "Renderer":
-        """Load everything where the memory plan says; ``workload``: the batch's largest case (480p when None)."""
+    def load(
+        cls,
+        sources: ModelSources,
+        runtime: RuntimeConfig = RuntimeConfig(),
+        workload: memory.Workload | None = None,
+        *,
+        placement: Placement | None = None,
+        memory_plan: MemoryPlan | None = None,
+    ) -> "Renderer":
+        """Load everything where the memory plan says (``memory_plan``, else planned here for ``workload``:
+        the batch's largest case, 480p when None), with ``placement``'s part of each case."""
         weights.preflight(sources)  # headers, keys, shapes, configs: before the 11 GB text encoder loads
         start = time.perf_counter()
         device = resolve_device(runtime.device)
         dtype = torch_dtype(runtime.dtype)
+        placement = placement or Placement()
         attention.select_backend(runtime.attention, device)
         attention.select_fp8_attention(runtime.fp8_attention, device)
         experts_named = sources.renderer.experts
         loras = lora.prepare(runtime.loras, expert_configs(sources))  # every LoRA checked before anything loads
-        plan = offload.plan_for_run(sources.base, len(experts_named), runtime, device, workload, sources.renderer.max_sequence_length)
+        plan = memory_plan or memory_plan_for(sources, runtime, workload)
         log_plan(plan)
         gemm = fp8.select_gemm(runtime.fp8_gemm, device, resident=plan.offload == "none")
         if gemm == "torchao" and plan.offload != "none":
@@ -251,12 +307,15 @@ class Renderer:
         vae = VAE.load(sources.base, device=device)
         if plan.vae_tiling:
             vae.model.enable_tiling()
-        experts = {name: prepare_expert(load_expert(sources, name, device=device, dtype=dtype, plan=plan, fp8_gemm=gemm, loras=loras.get(name)), runtime) for name in experts_named}
+        experts = {
+            name: prepare_expert(load_expert(sources, name, device=device, dtype=dtype, plan=plan, fp8_gemm=gemm, loras=loras.get(name), sequence=placement.sequence), runtime)
+            for name in experts_named
+        }
         store = ExpertStore(experts, plan.offload, device, plan.prefetch_bytes)
         from diffusers import UniPCMultistepScheduler
 
         scheduler_config = dict(UniPCMultistepScheduler.load_config(sources.base / "scheduler"))
-        renderer = cls(sources, text_encoder, vae, experts, scheduler_config, runtime, device, store, plan)
+        renderer = cls(sources, text_encoder, vae, experts, scheduler_config, runtime, device, store, plan, placement)
         renderer.fp8_gemm = gemm
         renderer.place_text_encoder()
         renderer.load_seconds = time.perf_counter() - start
@@ -302,7 +361,60 @@ class Renderer:
         dtype = torch_dtype(self.runtime.dtype)
         return {"u": embeds[0:1].to(self.device, dtype), "c": embeds[1:2].to(self.device, dtype)}
 
+    # ------------------------------------------------------------ phases
+
     @torch.no_grad()
+    def prepare(self, case: Case, settings: GenerationSettings, *, plan: CasePlan | None = None, prompt: str | None = None) -> Prepared:
+        """Phase 1: text embeddings, condition latents, noise and the sampling plan of one case."""
+        settings = effective_settings(case, settings)  # image tasks read their videos as one frame
+        plan = plan or plan_case(case, settings)
+        clock = time.perf_counter()
+        prompt_used = positive_text(settings.system_prompt or case.task.system_prompt, prompt or case.prompt)
+        copied = self.store.copied_bytes
+        self.store.bring_in(next(iter(self.experts)))  # the first expert's copy overlaps text and VAE encoding
+        text = self.encode_text(prompt_used, settings.neg_prompt)
+        encoded = time.perf_counter()
+        conditions = self.encode_conditions(case, settings)
+        timings = {"text_encode": encoded - clock, "vae_encode": time.perf_counter() - encoded}
+        grid = plan.grid
+        noise = initial_noise(settings.seed, (1, 16, grid[0] * PATCH[0], grid[1] * PATCH[1], grid[2] * PATCH[2]))
+        sampling = sampling_plan(settings, get_mode(plan.guidance_mode), self.sources.renderer.switch_dit_boundary, self.runtime.batch_combos)
+        rule = SourceIdRule(settings.use_src_tgt_id, settings.interpolate_src_id, settings.max_trained_src_id)
+        return Prepared(case, plan, prompt_used, text, conditions, patchify(noise, PATCH), sampling, rule, timings, copied)
+
+    @torch.no_grad()
+    def denoise(self, prepared: Prepared, on_step: Callable[[StepEvent], None] | None = None) -> Denoised:
+        """Phase 2: the denoise loop; ``on_step`` hears every step and may raise to stop the case."""
+        passes = self.placement.passes
+        denoiser = Denoiser(self.store, tuple(self.experts), self.scheduler_config, self.head_dim, self.device, passes, self.store.prefetch)
+        grid = prepared.plan.grid
+        result = denoiser.run(prepared.sampling, prepared.conditions, prepared.rule, grid, prepared.noise, prepared.text, on_step)
+        timings = {f"denoise_{name}": seconds for name, seconds in result.expert_seconds.items()}
+        return Denoised(unpatchify(result.latent, grid, PATCH), result.expert_steps, result.scales, timings)
+
+    @torch.no_grad()
+    def decode(self, latent: torch.Tensor) -> np.ndarray:
+        """Phase 3: latent [1, 16, T', H', W'] -> frames [T, H, W, 3] float32 in [0, 1]."""
+        return self.vae.decode(latent)
+
+    def finish(self, prepared: Prepared, denoised: Denoised) -> RenderOutput:
+        """Decode (where this rank decodes) and gather what the sidecar records of the render."""
+        clock = time.perf_counter()
+        frames = self.decode(denoised.latent) if self.placement.decodes else np.zeros((0,), np.float32)
+        timings = {**prepared.timings, **denoised.timings, "decode": time.perf_counter() - clock}
+        info: dict[str, Any] = {
+            "guidance_per_expert": denoised.scales,
+            "expert_steps": denoised.expert_steps,
+            "attention_backend": attention.current_backend(),
+            "fp8_gemm": self.fp8_gemm,
+            "fp8_attention": attention.current_fp8_backend(),
+            "dtype": self.runtime.dtype,
+            "device": str(self.device),
+        }
+        if self.memory_plan is not None:
+            info["memory_plan"] = {**self.memory_plan.to_info(), "copied_gib": round((self.store.copied_bytes - prepared.copied_bytes) / offload.GiB, 2)}
+        return RenderOutput(frames, prepared.plan, prepared.prompt_used, timings, info, latent=denoised.latent.cpu())
+
     def render(
         self,
         case: Case,
@@ -312,46 +424,6 @@ class Renderer:
         prompt: str | None = None,
         on_step: Callable[[StepEvent], None] | None = None,
     ) -> RenderOutput:
-        """Render one case to frames (no file is written here)."""
-        settings = effective_settings(case, settings)  # image tasks read their videos as one frame
-        plan = plan or plan_case(case, settings)
-        timings: dict[str, float] = {}
-        clock = time.perf_counter()
-
-        def lap(name: str) -> None:
-            nonlocal clock
-            now = time.perf_counter()
-            timings[name] = now - clock
-            clock = now
-
-        prompt_used = positive_text(settings.system_prompt or case.task.system_prompt, prompt or case.prompt)
-        copied = self.store.copied_bytes
-        self.store.bring_in(next(iter(self.experts)))  # the first expert's copy overlaps text and VAE encoding
-        text = self.encode_text(prompt_used, settings.neg_prompt)
-        lap("text_encode")
-        cond = self.encode_conditions(case, settings)
-        lap("vae_encode")
-        grid = plan.grid
-        noise = initial_noise(settings.seed, (1, 16, grid[0] * PATCH[0], grid[1] * PATCH[1], grid[2] * PATCH[2]))
-        sampling = sampling_plan(settings, get_mode(plan.guidance_mode), self.sources.renderer.switch_dit_boundary, self.runtime.batch_combos)
-        rule = SourceIdRule(settings.use_src_tgt_id, settings.interpolate_src_id, settings.max_trained_src_id)
-        denoiser = Denoiser(self.store, tuple(self.experts), self.scheduler_config, self.head_dim, self.device, self.combos, self.store.prefetch)
-        result = denoiser.run(sampling, cond, rule, grid, patchify(noise, PATCH), text, on_step)
-        for name, seconds in result.expert_seconds.items():
-            timings[f"denoise_{name}"] = seconds
-        clock = time.perf_counter()
-        latent = unpatchify(result.latent, grid, PATCH)
-        frames = self.vae.decode(latent) if self.decode_outputs else np.zeros((0,), np.float32)
-        lap("decode")
-        info: dict[str, Any] = {
-            "guidance_per_expert": result.scales,
-            "expert_steps": result.expert_steps,
-            "attention_backend": attention.current_backend(),
-            "fp8_gemm": self.fp8_gemm,
-            "fp8_attention": attention.current_fp8_backend(),
-            "dtype": self.runtime.dtype,
-            "device": str(self.device),
-        }
-        if self.memory_plan is not None:
-            info["memory_plan"] = {**self.memory_plan.to_info(), "copied_gib": round((self.store.copied_bytes - copied) / offload.GiB, 2)}
-        return RenderOutput(frames, plan, prompt_used, timings, info, latent=latent.cpu())
+        """Render one case to frames, all phases in a row (no file is written here)."""
+        prepared = self.prepare(case, settings, plan=plan, prompt=prompt)
+        return self.finish(prepared, self.denoise(prepared, on_step))

@@ -1,4 +1,4 @@
-"""Batch runs that never lose work: render each planned case, write atomically, summarize, resume."""
+"""What a batch writes and reads back: case records, sidecars, fingerprints, resume checks, summary.json and its tally."""
 
 from __future__ import annotations
 
@@ -10,39 +10,44 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from bernini import __version__, media
-from bernini.cases import Case, CaseError
+from bernini.cases import Case
 from bernini.config import GenerationSettings, RuntimeConfig
 from bernini.plan import CasePlan, format_plan, plan_all
-from bernini.sampling import NonFiniteError, StepEvent
+from bernini.sampling import StepEvent
+
+if TYPE_CHECKING:
+    from bernini.pipeline import ModelSources, RenderOutput
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BatchOptions", "CaseRecord", "LogProgress", "Progress", "fingerprint", "format_plan", "plan_all", "run_batch", "sidecar_path", "summary_location", "write_json_atomic"]
+__all__ = [
+    "BatchOptions", "CaseRecord", "LogProgress", "Progress", "exit_code", "fingerprint", "format_plan", "is_complete", "model_identity", "plan_all",
+    "release_memory", "sidecar", "sidecar_path", "summary_location", "tally", "write_json_atomic", "write_summary",
+]
 
 SIDECAR_VERSION = 2
 SUMMARY_VERSION = 1
 VERSIONED_PACKAGES = ("diffusers", "transformers", "accelerate", "safetensors", "huggingface_hub", "av", "numpy")
 
-Enhance = Callable[[Case], tuple[str, dict[str, Any] | None]]
-
 
 @dataclass(frozen=True)
 class BatchOptions:
+    """How a batch runs: fail-fast, resume, where its summary goes, the runtime sidecars record."""
+
     dry_run: bool = False
     fail_fast: bool = False
     skip_existing: bool = False
     summary: Path | None = None
-    write_outputs: bool = True  # False on ranks that only help (multi-GPU)
     output_dir: Path | None = None  # summary.json goes here when no case plans an output
     runtime: RuntimeConfig | None = None  # recorded in sidecars; its dtype is part of the fingerprint
 
@@ -97,7 +102,7 @@ class LogProgress:
         )
 
     def case_finished(self, index: int, total: int, record: CaseRecord) -> None:
-        pass  # run_case logs the outcome and the phase timings whatever the progress display
+        pass  # the driver logs the outcome and the phase timings whatever the progress display
 
     def close(self) -> None:
         pass
@@ -141,6 +146,25 @@ def fingerprint(
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def fingerprint_for(case: Case, settings: GenerationSettings, model_identity: dict[str, Any], runtime: RuntimeConfig | None) -> str:
+    """The fingerprint a sidecar records and --skip-existing compares (the runtime's dtype is part of it)."""
+    return fingerprint(case, settings, model_identity, dtype=runtime.dtype if runtime else None, loras=runtime.loras if runtime else ())
+
+
+def model_identity(sources: ModelSources) -> dict[str, Any]:
+    """Paths of config, base and experts, plus a cheap name/size/mtime fingerprint of the expert files."""
+    from bernini import weights
+    from bernini.pipeline import EXPERT_FOLDERS
+
+    identity = sources.identity()
+    paths = [ckpt or sources.base / EXPERT_FOLDERS[name] for name, ckpt in sources.expert_ckpts.items()]
+    try:
+        identity["files"] = weights.checkpoint_identity(paths)
+    except (OSError, ValueError) as exc:  # a hub id that is not a local path: its id is the identity
+        log.debug("no file fingerprint for the checkpoint: %s", exc)
+    return identity
+
+
 def versions() -> dict[str, str]:
     found = {"bernini": __version__, "python": platform.python_version(), "torch": torch.__version__}
     for name in VERSIONED_PACKAGES:
@@ -170,100 +194,38 @@ def is_complete(case: Case, plan: CasePlan, expected: str) -> bool:
     return True
 
 
-class BatchRunner:
-    """Renders planned cases one by one; a failing case never stops the batch unless fail_fast."""
-
-    def __init__(
-        self,
-        render: Callable[..., Any],
-        settings: GenerationSettings,
-        options: BatchOptions,
-        model_identity: dict[str, Any],
-        enhance: Enhance | None = None,
-        progress: Progress | None = None,
-        load_seconds: float | None = None,
-    ) -> None:
-        self.render = render
-        self.settings = settings
-        self.options = options
-        self.model_identity = model_identity
-        self.enhance = enhance
-        self.progress = progress or LogProgress()
-        self.load_seconds = load_seconds
-
-    def fingerprint(self, case: Case) -> str:
-        runtime = self.options.runtime
-        return fingerprint(case, self.settings, self.model_identity, dtype=runtime.dtype if runtime else None, loras=runtime.loras if runtime else ())
-
-    def run_case(self, index: int, total: int, case: Case, plan: CasePlan) -> CaseRecord:
-        started = time.perf_counter()
-        timings: dict[str, float] = {}
-        status, error = "failed", None
-        self.progress.case_started(index, total, case, plan)
-        try:
-            status = self._render_and_write(index, total, case, plan, timings)
-        except (CaseError, media.MediaError, NonFiniteError) as exc:
-            error = str(exc)
-        except torch.cuda.OutOfMemoryError as exc:
-            error = f"out of GPU memory ({str(exc).splitlines()[0] if str(exc) else 'no detail'}); lower --max_image_size/--num_frames or use --offload expert|block"
-        except Exception as exc:  # keep the batch going; the summary names the failure
-            log.exception("%s failed", case.name)
-            error = f"{type(exc).__name__}: {exc}"
-        timings["total"] = time.perf_counter() - started
-        record = CaseRecord(case.name, case.source, status, output=plan.output, error=error, plan=plan.to_dict(), timings=timings)
-        phases = ", ".join(f"{k} {v:.2f} s" for k, v in timings.items())
-        extra = {"event": "case_end", "case": case.name, "status": status, "output": plan.output, "timings": timings}
-        if status == "ok":
-            log.info("[%d/%d] %s: ok -> %s (%s)", index, total, case.name, plan.output, phases, extra=extra)
-        else:
-            log.error("[%d/%d] %s: FAILED: %s (%s)", index, total, case.name, error, phases, extra=extra)
-            release_memory()
-        self.progress.case_finished(index, total, record)
-        return record
-
-    def _render_and_write(self, index: int, total: int, case: Case, plan: CasePlan, timings: dict[str, float]) -> str:
-        started = clock = time.perf_counter()
-        prompt, pe_info = self.enhance(case) if self.enhance else (case.prompt, None)
-        if self.enhance:
-            timings["prompt_enhance"] = time.perf_counter() - clock
-
-        def on_step(event: StepEvent) -> None:
-            self.progress.step(index, total, case, event)
-
-        result = self.render(case, self.settings, plan=plan, prompt=prompt, on_step=on_step)
-        if result is None:  # a helper rank: the writer reports
-            return "ok"
-        timings.update(result.timings)
-        if self.options.write_outputs:
-            clock = time.perf_counter()
-            media.write_media(result.frames, Path(plan.output), plan.fps)
-            timings["write"] = time.perf_counter() - clock
-            timings["total"] = time.perf_counter() - started  # the summary's total adds only bookkeeping
-            write_json_atomic(sidecar_path(Path(plan.output)), self._sidecar(case, plan, result, pe_info, timings))
-        return "ok"
-
-    def _sidecar(self, case: Case, plan: CasePlan, result: Any, pe_info: dict[str, Any] | None, timings: dict[str, float]) -> dict[str, Any]:
-        runtime = self.options.runtime
-        return {
-            "sidecar_version": SIDECAR_VERSION,
-            "created": _now(),
-            "output": plan.output,
-            "fingerprint": self.fingerprint(case),
-            "case": case.to_dict(),
-            "prompt_used": result.prompt_used,
-            "prompt_enhancer": pe_info,
-            "seed": self.settings.seed,
-            "effective": {"task_type": plan.task_type, "guidance_mode": plan.guidance_mode, "width": plan.width, "height": plan.height,
-                          "frames": plan.frames, "fps": plan.fps, "steps": plan.steps},
-            "settings": self.settings.to_dict(),
-            "plan": plan.to_dict(),
-            "timings": dict(timings),
-            "model_load_seconds": self.load_seconds,
-            **result.info,  # guidance_per_expert, expert_steps, attention_backend, dtype, device
-            "runtime": dataclasses.asdict(runtime) if runtime else None,
-            "versions": versions(),
-            "checkpoint": self.model_identity,
-        }
+def sidecar(
+    case: Case,
+    plan: CasePlan,
+    result: RenderOutput,
+    settings: GenerationSettings,
+    model_identity: dict[str, Any],
+    runtime: RuntimeConfig | None,
+    pe_info: dict[str, Any] | None,
+    timings: dict[str, float],
+    load_seconds: float | None,
+) -> dict[str, Any]:
+    """The JSON written beside an output: how it was made, and the fingerprint resume compares."""
+    return {
+        "sidecar_version": SIDECAR_VERSION,
+        "created": _now(),
+        "output": plan.output,
+        "fingerprint": fingerprint_for(case, settings, model_identity, runtime),
+        "case": case.to_dict(),
+        "prompt_used": result.prompt_used,
+        "prompt_enhancer": pe_info,
+        "seed": settings.seed,
+        "effective": {"task_type": plan.task_type, "guidance_mode": plan.guidance_mode, "width": plan.width, "height": plan.height,
+                      "frames": plan.frames, "fps": plan.fps, "steps": plan.steps},
+        "settings": settings.to_dict(),
+        "plan": plan.to_dict(),
+        "timings": dict(timings),
+        "model_load_seconds": load_seconds,
+        **result.info,  # guidance_per_expert, expert_steps, attention_backend, dtype, device
+        "runtime": dataclasses.asdict(runtime) if runtime else None,
+        "versions": versions(),
+        "checkpoint": model_identity,
+    }
 
 
 def release_memory() -> None:
@@ -296,105 +258,30 @@ def exit_code(records: Sequence[CaseRecord]) -> int:
     return 1 if ran else 2
 
 
-def write_summary(path: Path, records: Sequence[CaseRecord], info: dict[str, Any], started: float, final: bool) -> None:
+def counts_of(records: Sequence[CaseRecord]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for r in records:
         counts[r.status] = counts.get(r.status, 0) + 1
+    return counts
+
+
+def tally(counts: dict[str, int]) -> str:
+    """The end-of-run line: '8 ok, 0 failed, 0 skipped', then invalid and not-run cases when there are any."""
+    words = [f"{counts.get(status, 0)} {status}" for status in ("ok", "failed", "skipped")]
+    words += [f"{counts[status]} {status.replace('_', ' ')}" for status in ("invalid", "not_run") if counts.get(status)]
+    return ", ".join(words)
+
+
+def write_summary(path: Path, records: Sequence[CaseRecord], info: dict[str, Any], started: float, final: bool, code: int | None = None) -> None:
+    """summary.json; ``code`` overrides the exit code the records give (an interrupted run)."""
     data = {
         "summary_version": SUMMARY_VERSION,
         "complete": final,
         **info,
         "finished": _now() if final else None,
         "seconds": round(time.perf_counter() - started, 3),
-        "exit_code": exit_code(records) if final else None,
-        "counts": counts,
+        "exit_code": (exit_code(records) if code is None else code) if final else None,
+        "counts": counts_of(records),
         "cases": [r.to_dict() for r in records],
     }
     write_json_atomic(path, data)
-
-
-def _resume(
-    planned: Sequence[tuple[Case, CasePlan]], runner_fingerprint: Callable[[Case], str], skip_existing: bool
-) -> tuple[list[tuple[Case, CasePlan]], list[CaseRecord]]:
-    todo, skipped = [], []
-    for case, plan in planned:
-        if skip_existing and is_complete(case, plan, runner_fingerprint(case)):
-            log.info("%s: complete output %s found; skipped", case.name, plan.output)
-            skipped.append(CaseRecord(case.name, case.source, "skipped", output=plan.output))
-        else:
-            todo.append((case, plan))
-    return todo, skipped
-
-
-def _not_run(todo: Sequence[tuple[Case, CasePlan]], error: str | None = None) -> list[CaseRecord]:
-    return [CaseRecord(c.name, c.source, "not_run", output=p.output, error=error) for c, p in todo]
-
-
-def run_batch(
-    planned: Sequence[tuple[Case, CasePlan]],
-    errors: Sequence[tuple[str, str]],
-    settings: GenerationSettings,
-    options: BatchOptions,
-    model_identity: dict[str, Any],
-    load_render: Callable[[], Callable[..., Any]],
-    enhance: Enhance | None = None,
-    progress: Progress | None = None,
-) -> int:
-    """Run a validated batch: skip complete outputs, load models once, render, summarize. Exit code."""
-    started = time.perf_counter()
-    info: dict[str, Any] = {"started": _now(), "timings": {}, "settings": settings.to_dict()}
-    if options.runtime is not None:
-        info["runtime"] = dataclasses.asdict(options.runtime)
-    records = [CaseRecord(source, source, "invalid", error=message) for source, message in errors]
-    summary = summary_location([p for _, p in planned], options.summary, options.output_dir)
-    runner = BatchRunner(lambda *a, **k: None, settings, options, model_identity, enhance, progress)
-    todo, skipped = _resume(planned, runner.fingerprint, options.skip_existing)
-    records += skipped
-
-    def save(final: bool) -> None:
-        if options.write_outputs:
-            write_summary(summary, records, info, started, final)
-
-    try:
-        if todo:
-            _render_all(runner, todo, load_render, info, records, save, options.fail_fast)
-    except KeyboardInterrupt:
-        done = {r.name for r in records}
-        records += _not_run([(c, p) for c, p in todo if c.name not in done], "interrupted")
-        save(True)
-        raise
-    finally:
-        runner.progress.close()
-    save(True)
-    if options.write_outputs:
-        log.info("summary: %s", summary, extra={"event": "summary", "output": str(summary)})
-    return exit_code(records)
-
-
-def _render_all(
-    runner: BatchRunner,
-    todo: Sequence[tuple[Case, CasePlan]],
-    load_render: Callable[[], Callable[..., Any]],
-    info: dict[str, Any],
-    records: list[CaseRecord],
-    save: Callable[[bool], None],
-    fail_fast: bool,
-) -> None:
-    """Load once, then render into `records`; a model that cannot load leaves every case not_run."""
-    clock = time.perf_counter()
-    try:
-        runner.render = load_render()
-    except Exception as exc:
-        log.error("the models could not be loaded: %s: %s", type(exc).__name__, exc, exc_info=not isinstance(exc, ValueError))
-        records += _not_run(todo, f"models could not be loaded: {type(exc).__name__}: {exc}")
-        return
-    runner.load_seconds = info["timings"]["load"] = round(time.perf_counter() - clock, 3)
-    log.info("load: %.2f s", runner.load_seconds, extra={"event": "load", "seconds": runner.load_seconds})
-    for i, (case, plan) in enumerate(todo, 1):
-        record = runner.run_case(i, len(todo), case, plan)
-        records.append(record)
-        save(False)
-        if record.status == "failed" and fail_fast:
-            records += _not_run(todo[i:], f"--fail-fast: not run after {case.name} failed")
-            log.error("--fail-fast: stopping after %s", case.name)
-            break

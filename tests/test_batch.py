@@ -18,8 +18,8 @@ import torch
 from media_files import encode_audio_only, small_clip
 from PIL import Image
 
+from bernini import driver, media, runner
 from bernini import main as entry
-from bernini import media, runner
 from bernini.cases import load_case_file
 from bernini.models.transformer import WanTransformer
 from bernini.pipeline import Renderer
@@ -153,8 +153,8 @@ def mixed(tmp_path: Path) -> Path:
 def test_mixed_batch_of_20(config: str, mixed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     poison(monkeypatch, "nan_case")
     released: list[int] = []
-    real_release = runner.release_memory
-    monkeypatch.setattr(runner, "release_memory", lambda: (released.append(1), real_release())[1])
+    real_release = driver.release_memory
+    monkeypatch.setattr(driver, "release_memory", lambda: (released.append(1), real_release())[1])
     out = tmp_path / "out"
     code, stdout, err = run(config, "--case", mixed, "--output_dir", out, capsys=capsys)
     assert code == 1, err[-3000:]

@@ -22,10 +22,10 @@ gr = pytest.importorskip("gradio", reason="the demo needs gradio (requirements.t
 from bernini import demo  # noqa: E402
 from bernini.cases import CaseError  # noqa: E402
 from bernini.config import RuntimeConfig  # noqa: E402
-from bernini.main import model_identity  # noqa: E402
+from bernini.driver import Session  # noqa: E402
+from bernini.engine import Engine  # noqa: E402
 from bernini.media import verify_media  # noqa: E402
 from bernini.pipeline import Renderer, resolve_sources  # noqa: E402
-from bernini.runner import BatchOptions  # noqa: E402
 from bernini.testing import tiny_checkpoints  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,8 +54,7 @@ def loaded(config: str) -> tuple[Any, Renderer]:
 def make_service(config: str, loaded: tuple[Any, Renderer], save_dir: Path, *flags: str) -> demo.DemoService:
     sources, renderer = loaded
     args = demo.parse_args(["--config", config, "--save_dir", str(save_dir), *TINY, *flags])
-    options = BatchOptions(output_dir=save_dir, runtime=renderer.runtime)
-    runner = demo.JobRunner(renderer.render, model_identity(sources), options, demo.LocalPeers(), renderer.load_seconds)
+    runner = demo.JobRunner(Session(Engine(renderer, sources)), demo.LocalPeers())
     return demo.DemoService(runner, demo.base_settings(args), save_dir)
 
 

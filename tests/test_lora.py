@@ -418,9 +418,8 @@ def test_dry_run_lists_the_loras(tiny: Path, tmp_path: Path, capsys: pytest.Capt
 
 def test_demo_picker_loads_the_experts_again_only_for_a_new_set(tiny: Path, tmp_path: Path) -> None:
     from bernini import demo
-    from bernini.main import model_identity
     from bernini.pipeline import resolve_sources
-    from bernini.runner import BatchOptions
+    from bernini.runner import BatchOptions, model_identity
 
     folder = tmp_path / "loras"
     folder.mkdir()

@@ -17,9 +17,9 @@ import torch
 from bernini.guidance import I_C, I_U, NONE_C, NONE_U, V_U, VI_C, VI_U
 from bernini.parallel.cfg import CfgCombos, assign_combos
 from bernini.parallel.groups import LaunchEnv, Topology, balance, build_topology
-from bernini.parallel.runner import assign_cases
 from bernini.parallel.status import GroupStatus
 from bernini.parallel.ulysses import pad_sequence, padded_length
+from bernini.parallel.world import assign_cases
 from bernini.sampling import LocalCombos
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +122,7 @@ def test_assign_cases_by_cost_not_round_robin() -> None:
 
 
 def test_a_rank_plans_memory_for_its_share_of_the_forward() -> None:
-    from bernini.parallel.runner import member_workload
+    from bernini.parallel.world import member_workload
     from bernini.plan import CasePlan, MediaPlan
 
     src = MediaPlan("s.mp4", "video", 81, 848, 480, (21, 30, 53))
@@ -206,11 +206,10 @@ def reference(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
         sys.path.remove(str(DIST))
     from bernini.cases import load_case_file
     from bernini.config import RuntimeConfig
-    from bernini.pipeline import Renderer, resolve_sources
+    from bernini.pipeline import Placement, Renderer, resolve_sources
     from bernini.plan import plan_case
 
-    renderer = Renderer.load(resolve_sources(str(tiny)), RuntimeConfig(device="cpu", dtype="float32"))
-    renderer.decode_outputs = False
+    renderer = Renderer.load(resolve_sources(str(tiny)), RuntimeConfig(device="cpu", dtype="float32"), placement=Placement(decodes=False))
     latents = {}
     for path in LATENT_CASES:
         case = load_case_file(path)

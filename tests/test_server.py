@@ -31,10 +31,12 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from bernini.cases import load_case_file  # noqa: E402
 from bernini.config import GenerationSettings, RuntimeConfig  # noqa: E402
-from bernini.main import model_identity  # noqa: E402
 from bernini.media import verify_media  # noqa: E402
 from bernini.pipeline import Renderer, resolve_sources  # noqa: E402
-from bernini.runner import BatchOptions  # noqa: E402
+from bernini.runner import (
+    BatchOptions,  # noqa: E402
+    model_identity,  # noqa: E402
+)
 from bernini.server import auth, launch  # noqa: E402
 from bernini.server.app import create_app  # noqa: E402
 from bernini.server.folders import Redactor, ServerFolders  # noqa: E402

@@ -13,19 +13,21 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 import torch
 
+from bernini.batch import make_enhancer
 from bernini.cli import runtime_from, settings_from
 from bernini.config import GenerationSettings, RuntimeConfig
 from bernini.demo.page import build_app
 from bernini.demo.service import DemoService, DistPeers, JobRunner, LocalPeers
-from bernini.main import make_enhancer, model_identity
-from bernini.parallel.groups import Groups, LaunchEnv, Topology, build_topology, destroy_distributed, init_distributed
+from bernini.driver import Session
+from bernini.parallel.groups import LaunchEnv, Topology, build_topology, destroy_distributed, init_distributed
 from bernini.parallel.runner import build_parser as multi_gpu_parser
-from bernini.parallel.runner import device_for, expert_heads, launch_env, load_member
-from bernini.parallel.status import CheckedRender, GroupStatus
-from bernini.runner import BatchOptions
+from bernini.parallel.runner import launch_env
+from bernini.parallel.world import DistWorld, device_for, expert_heads
+from bernini.runner import model_identity
+from bernini.world import LoadFailure
 
 if TYPE_CHECKING:
-    from bernini.pipeline import Renderer
+    from bernini.pipeline import ModelSources
 
 log = logging.getLogger(__package__)  # "bernini.demo" for every module of the demo, as log lines always named it
 
@@ -159,7 +161,7 @@ def serve_page(args: argparse.Namespace, access: Access, runner: JobRunner, swit
     """Rank 0 (or the only process): the page, until interrupted."""
     save_dir = args.save_dir.resolve()
     save_dir.mkdir(parents=True, exist_ok=True)
-    enhance = make_enhancer(args) if args.use_pe else None
+    enhance = make_enhancer(args.pe_model, args.pe_on_error) if args.use_pe else None
     service = DemoService(runner, base_settings(args), save_dir, enhance, args.lora_dir, switch_loras)
     app = build_app(service, args.use_pe)
     try:
@@ -170,12 +172,11 @@ def serve_page(args: argparse.Namespace, access: Access, runner: JobRunner, swit
     return 0
 
 
-def serve_single(args: argparse.Namespace, access: Access, sources: Any, runtime: RuntimeConfig) -> int:
-    from bernini.pipeline import Renderer
+def serve_single(args: argparse.Namespace, access: Access, sources: ModelSources, runtime: RuntimeConfig) -> int:
+    from bernini.engine import Engine
 
-    renderer = Renderer.load(sources, runtime)
-    options = BatchOptions(output_dir=args.save_dir.resolve(), runtime=runtime)
-    runner = JobRunner(renderer.render, model_identity(sources), options, LocalPeers(), renderer.load_seconds, renderer.device)
+    engine = Engine.from_sources(sources, runtime=runtime, settings=base_settings(args))
+    runner = JobRunner(Session(engine), LocalPeers())
 
     def switch_loras(loras: tuple[Any, ...]) -> None:
         """The page picked other LoRAs: they are merged at load, so load again (checked first, the old models freed)."""
@@ -184,24 +185,22 @@ def serve_single(args: argparse.Namespace, access: Access, sources: Any, runtime
         from bernini.runner import release_memory
 
         lora.prepare(loras, expert_configs(sources))
-        old_runtime = runner.options.runtime or runtime
+        old_runtime = runner.session.engine.runtime
         new_runtime = dataclasses.replace(old_runtime, loras=loras)
-        runner.render = None
+        runner.session = None  # type: ignore[assignment]  # the old experts must be freed before the new ones load
         release_memory()
         try:
-            fresh = Renderer.load(sources, new_runtime)
+            fresh = Engine.from_sources(sources, runtime=new_runtime, settings=base_settings(args))
         except Exception:
-            fallback = Renderer.load(sources, old_runtime)  # back to the LoRAs it had, then say why
-            runner.render, runner.load_seconds = fallback.render, fallback.load_seconds
+            runner.session = Session(Engine.from_sources(sources, runtime=old_runtime, settings=base_settings(args)))  # back to the LoRAs it had
             raise
-        runner.render, runner.load_seconds = fresh.render, fresh.load_seconds
-        runner.options = dataclasses.replace(runner.options, runtime=new_runtime)
+        runner.session = Session(fresh)
 
-    del renderer  # switch_loras must be able to free it
+    del engine  # switch_loras must be able to free it
     return serve_page(args, access, runner, switch_loras)
 
 
-def group_topology(args: argparse.Namespace, env: LaunchEnv, sources: Any) -> Topology:
+def group_topology(args: argparse.Namespace, env: LaunchEnv, sources: ModelSources) -> Topology:
     topology = build_topology(env, args.ulysses, args.cfg_parallel, expert_heads(sources))
     if topology.dp != 1:
         raise ValueError(
@@ -211,15 +210,7 @@ def group_topology(args: argparse.Namespace, env: LaunchEnv, sources: Any) -> To
     return topology
 
 
-def load_in_group(sources: Any, runtime: RuntimeConfig, topology: Topology, groups: Groups) -> Renderer | None:
-    """Load this rank's renderer; None on every rank when any rank failed (all of them hear of it)."""
-    renderer, failure = load_member(sources, runtime, topology, groups)
-    if renderer is None:
-        log.error("the demo cannot start: %s", failure)
-    return renderer
-
-
-def serve_group(args: argparse.Namespace, access: Access, sources: Any, runtime: RuntimeConfig, env: LaunchEnv) -> int:
+def serve_group(args: argparse.Namespace, access: Access, sources: ModelSources, runtime: RuntimeConfig, env: LaunchEnv) -> int:
     """torchrun: every rank loads its part; rank 0 serves the page and shares each request."""
     topology = group_topology(args, env, sources)
     device = device_for(args.device, env)
@@ -227,13 +218,13 @@ def serve_group(args: argparse.Namespace, access: Access, sources: Any, runtime:
         torch.cuda.set_device(device)
     groups = init_distributed(topology, env, device, args.dist_timeout)
     try:
-        runtime = dataclasses.replace(runtime, device=str(device), host_ranks=env.local_world_size)
-        renderer = load_in_group(sources, runtime, topology, groups)
-        if renderer is None:
+        world = DistWorld(topology, groups, device, env.local_world_size)
+        try:
+            engine = world.load(sources, runtime, base_settings(args), model_identity(sources), [])
+        except LoadFailure as exc:  # on every rank: all of them heard of it
+            log.error("the demo cannot start: %s", exc)
             return 2
-        render = CheckedRender(renderer, GroupStatus(groups.model, topology.model_size), writer=topology.is_leader)
-        options = BatchOptions(output_dir=args.save_dir.resolve(), runtime=runtime, write_outputs=topology.is_leader)
-        runner = JobRunner(render, model_identity(sources), options, DistPeers(groups), renderer.load_seconds, renderer.device)
+        runner = JobRunner(Session(engine, world), DistPeers(groups))
         if topology.rank == 0:
             return serve_page(args, access, runner)
         runner.serve_peer()

@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
 import torch.distributed as dist
 
 from bernini.cases import Case, CaseError, check_task_inputs, parse_case
 from bernini.config import GenerationSettings
+from bernini.driver import Session
 from bernini.lora import LoraRef, resolve
 from bernini.parallel.groups import Groups
 from bernini.plan import CasePlan, plan_case
 from bernini.presets import get_preset
-from bernini.runner import BatchOptions, BatchRunner, CaseRecord, sidecar_path
+from bernini.runner import CaseRecord, sidecar_path
 from bernini.sampling import StepEvent
 from bernini.tasks import Task
 
@@ -33,7 +32,7 @@ Enhance = Callable[[Case], tuple[str, dict[str, Any]]]
 
 
 class Cancelled(CaseError):
-    """The user stopped the request; a CaseError so that BatchRunner reports it in one line, no traceback."""
+    """The user stopped the request; a CaseError so that the driver reports it in one line, no traceback."""
 
 
 class RenderError(RuntimeError):
@@ -163,7 +162,7 @@ def _ignore(event: StepEvent) -> None:
 
 
 class StepProgress:
-    """runner.Progress for one request: reports each step and raises Cancelled between steps."""
+    """The driver's Progress for one request: reports each step and raises Cancelled between steps."""
 
     def __init__(self, stop: Callable[[], bool], report: Callable[[StepEvent], None] | None = None) -> None:
         self.stop = stop
@@ -185,27 +184,11 @@ class StepProgress:
 
 
 class JobRunner:
-    """Renders jobs through BatchRunner, so outputs are written atomically with the CLI's sidecar."""
+    """Renders jobs through the driver's Session, so outputs are written atomically with the CLI's sidecar."""
 
-    def __init__(
-        self,
-        render: Callable[..., Any],
-        identity: dict[str, Any],
-        options: BatchOptions,
-        peers: Peers | None = None,
-        load_seconds: float | None = None,
-        device: torch.device | None = None,
-    ) -> None:
-        self.render = render
-        self.identity = identity
-        self.options = options
+    def __init__(self, session: Session, peers: Peers | None = None) -> None:
+        self.session = session
         self.peers = peers or LocalPeers()
-        self.load_seconds = load_seconds
-        self.device = device
-
-    def _on_device(self) -> AbstractContextManager[Any]:
-        # Gradio renders in a worker thread, whose current CUDA device is 0 whatever the renderer's is.
-        return torch.cuda.device(self.device) if self.device is not None and self.device.type == "cuda" else nullcontext()
 
     def run(self, job: Job, progress: StepProgress) -> CaseRecord:
         """Rank 0: share the job with the other ranks, then render it with them."""
@@ -213,11 +196,8 @@ class JobRunner:
         return self.run_here(job, progress)
 
     def run_here(self, job: Job, progress: StepProgress) -> CaseRecord:
-        # The prompt was enhanced once on rank 0; every rank replays it.
-        enhance = None if job.pe_info is None else (lambda _case: (job.prompt, job.pe_info))
-        runner = BatchRunner(self.render, job.settings, self.options, self.identity, enhance, progress, self.load_seconds)
-        with self._on_device():
-            return runner.run_case(1, 1, job.case, job.plan)
+        # The prompt was enhanced once on rank 0; every rank renders that one.
+        return self.session.run_case(job.case, job.plan, settings=job.settings, prompt=(job.prompt, job.pe_info), progress=progress)
 
     def serve_peer(self) -> None:
         """Ranks > 0: render what rank 0 sends until it sends None."""
@@ -269,8 +249,7 @@ class DemoService:
         return sorted(str(p.relative_to(self.lora_dir)) for p in self.lora_dir.rglob("*.safetensors")) if self.lora_dir else []
 
     def loaded_loras(self) -> tuple[LoraRef, ...]:
-        runtime = self.runner.options.runtime
-        return runtime.loras if runtime is not None else ()
+        return self.runner.session.engine.runtime.loras
 
     def _picked_loras(self, picked: tuple[tuple[str, float, str], ...]) -> tuple[LoraRef, ...] | None:
         """The launch's LoRAs from folders other than --lora_dir, plus the picked ones; None without a picker."""

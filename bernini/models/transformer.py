@@ -1,8 +1,8 @@
 """The Wan2.2 DiT over a packed multi-source token sequence; parameter names equal diffusers'.
 
-Single-device code. Sequence parallelism reaches it only through `self.sequence`
-(shard after embedding, the self-attention call, gather before the head), which is the
-identity `LocalSequence` unless bernini.parallel installs another.
+Single-device code. Sequence parallelism reaches it only through the `sequence` hooks given
+when the model is built (shard after embedding, the self-attention call, gather before the
+head): the identity `LocalSequence` unless bernini.parallel passes its Ulysses hooks.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class TransformerConfig:
 
 
 class LocalSequence:
-    """Single-device sequence hooks; bernini.parallel swaps in Ulysses with the same methods."""
+    """Single-device sequence hooks; bernini.parallel's Ulysses hooks subclass it."""
 
     def shard(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -230,10 +230,10 @@ class WanTransformer(nn.Module):
     # Parameters whose dotted name has one of these parts stay float32 (as diffusers keeps them).
     keep_fp32 = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
 
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, sequence: LocalSequence | None = None):
         super().__init__()
         self.cfg = cfg
-        self.sequence: LocalSequence = LocalSequence()
+        self.sequence = sequence or LocalSequence()
         self.patch_embedding = nn.Conv3d(cfg.in_channels, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.condition_embedder = ConditionEmbedder(cfg)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])

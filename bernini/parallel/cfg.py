@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from bernini.guidance import Combo
 from bernini.parallel.groups import all_gather_into, balance
+from bernini.sampling import LocalCombos
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ def assign_combos(work: list[tuple[Combo, int]], groups: int) -> list[list[Combo
     return [[combo for (combo, _), g in zip(work, placement) if g == group] for group in range(groups)]
 
 
-class CfgCombos:
+class CfgCombos(LocalCombos):
     """The Denoiser's combo placement over CFG peers (same data-parallel group and Ulysses index).
 
     With one cfg group it is LocalCombos: every combo is computed here and nothing is exchanged.

@@ -1,26 +1,30 @@
-"""Agreement inside a model group: status flags at fixed points, so a case fails on all its ranks or none."""
+"""Agreement inside a model group: status flags between a case's phases, so a case fails on all its ranks or none."""
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 import torch.distributed as dist
 
+from bernini.world import describe
+
 if TYPE_CHECKING:
+    from bernini.cases import Case
+    from bernini.config import GenerationSettings
     from bernini.pipeline import Renderer, RenderOutput
+    from bernini.plan import CasePlan
+    from bernini.sampling import StepEvent
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 STOP_KEY = "bernini/fail_fast"
 
 
 class PeerFailure(RuntimeError):
     """Another rank of this model group failed the case; this rank stops the case with it."""
-
-
-def describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
 
 
 class GroupStatus:
@@ -30,11 +34,11 @@ class GroupStatus:
         self.group = group
         self.size = size
 
-    def errors(self, error: str | None) -> list[str | None]:
-        """Every rank's error (None: fine) in group order; every rank of the group must call it."""
+    def errors(self, error: T | None) -> list[T | None]:
+        """Every rank's error (None: fine), or any picklable value, in group order; every rank of the group must call it."""
         if self.size == 1:
             return [error]
-        found: list[str | None] = [None] * self.size
+        found: list[T | None] = [None] * self.size
         dist.all_gather_object(found, error, group=self.group)
         return found
 
@@ -42,56 +46,47 @@ class GroupStatus:
         """True on every rank when any rank passes True."""
         return any(e is not None for e in self.errors("set" if flag else None))
 
+    def agree(self, value: T | None) -> T | None:
+        """The first value of the group's ranks that is not None, on every rank."""
+        return next((v for v in self.errors(value) if v is not None), None)
+
     @staticmethod
     def first(errors: list[str | None]) -> str | None:
         return next((f"rank {i}: {e}" for i, e in enumerate(errors) if e is not None), None)
 
 
-class CheckedRender:
-    """renderer.render with two checkpoints per case: after preparation and after the render.
+class GroupRender:
+    """Renderer.render on one rank of a model group: the public phases, with the group's agreement between them.
 
-    Every rank passes both checkpoints of every case, whatever fails where, so the group's
-    collectives stay matched: a rank that failed reports its error, the others raise
-    PeerFailure before their next collective instead of waiting for the failed rank.
+    Every rank reaches each agreement of a case whatever fails where, so the group's collectives stay
+    matched: a rank that failed reports its error and raises it, the others raise PeerFailure before
+    their next collective instead of waiting for the failed rank. Ranks that do not decode return None.
     """
 
-    def __init__(self, renderer: Renderer, status: GroupStatus, writer: bool):
+    def __init__(self, renderer: Renderer, status: GroupStatus):
         self.renderer = renderer
         self.status = status
-        self.writer = writer  # helpers return None: BatchRunner then leaves reporting to the writer
-        self.passed = 0
-        # The Renderer has no hook between preparation and denoising: wrap its last preparation step.
-        self._encode_conditions = renderer.encode_conditions
-        renderer.encode_conditions = self._encode_then_check  # type: ignore[method-assign]
 
-    def __call__(self, case: Any, settings: Any, **kwargs: Any) -> RenderOutput | None:
-        self.passed = 0
+    def __call__(
+        self, case: Case, settings: GenerationSettings, *, plan: CasePlan | None = None, prompt: str | None = None,
+        on_step: Callable[[StepEvent], None] | None = None,
+    ) -> RenderOutput | None:
+        renderer = self.renderer
+        prepared = self._agreed(lambda: renderer.prepare(case, settings, plan=plan, prompt=prompt))
+        output = self._agreed(lambda: renderer.finish(prepared, renderer.denoise(prepared, on_step)))
+        return output if renderer.placement.decodes else None
+
+    def _agreed(self, phase: Callable[[], T]) -> T:
+        """Run one phase here, then learn whether every rank of the group got through it."""
         try:
-            out = self.renderer.render(case, settings, **kwargs)
+            value = phase()
         except Exception as exc:
-            own = None if isinstance(exc, PeerFailure) else describe(exc)
-            while self.passed < 2:
-                self._checkpoint(own, strict=False)
+            self.status.errors(describe(exc))
             raise
-        while self.passed < 2:
-            self._checkpoint(None, strict=True)
-        return out if self.writer else None
-
-    def _encode_then_check(self, case: Any, settings: Any) -> Any:
-        try:
-            conditions = self._encode_conditions(case, settings)
-        except Exception as exc:
-            self._checkpoint(describe(exc), strict=False)
-            raise
-        self._checkpoint(None, strict=True)
-        return conditions
-
-    def _checkpoint(self, error: str | None, strict: bool) -> None:
-        """Exchange this rank's error; strict: raise PeerFailure when a peer reported one."""
-        self.passed += 1
-        failure = GroupStatus.first(self.status.errors(error))
-        if strict and failure is not None:
+        failure = GroupStatus.first(self.status.errors(None))
+        if failure is not None:
             raise PeerFailure(failure)
+        return value
 
 
 class StopFlag:

@@ -7,6 +7,7 @@ import torch.distributed as dist
 
 from bernini.attention import attention
 from bernini.models.rope import apply_rope
+from bernini.models.transformer import LocalSequence
 from bernini.parallel.groups import all_gather_into
 
 
@@ -25,8 +26,8 @@ def pad_sequence(x: torch.Tensor, length: int, dim: int = 1) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(shape)], dim=dim)
 
 
-class UlyssesSequence:
-    """The LocalSequence hooks over a Ulysses group of U ranks (only its ranks call them).
+class UlyssesSequence(LocalSequence):
+    """The sequence hooks over a Ulysses group of U ranks (only its ranks call them).
 
     Each rank keeps L_pad/U consecutive tokens between attentions; attention sees the whole
     sequence for H/U heads. Padding tokens never reach attention, so results match one device.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import shutil
@@ -18,13 +17,14 @@ from bernini.cli import runtime_from, settings_from
 from bernini.config import GenerationSettings, RuntimeConfig
 from bernini.parallel.groups import LaunchEnv, Topology, build_topology, destroy_distributed, init_distributed
 from bernini.parallel.runner import build_parser as multi_gpu_parser
-from bernini.parallel.runner import device_for, expert_heads, launch_env, load_member
-from bernini.parallel.status import CheckedRender, GroupStatus
-from bernini.runner import BatchOptions
+from bernini.parallel.runner import launch_env
+from bernini.parallel.world import DistWorld, device_for, expert_heads
+from bernini.runner import model_identity
 from bernini.server.auth import LOCALHOST, TOKEN_ENV, Access, Limits, access_for
 from bernini.server.folders import Redactor, ServerFolders
 from bernini.server.render import GroupPeers, JobRenderer, LocalPeers
 from bernini.server.store import JobStore
+from bernini.world import LoadFailure
 
 log = logging.getLogger(__name__)
 
@@ -133,13 +133,11 @@ def serve(args: argparse.Namespace, access: Access, sock: socket.socket, rendere
 
 
 def serve_single(args: argparse.Namespace, access: Access, sock: socket.socket, sources: Any, runtime: RuntimeConfig, settings: GenerationSettings) -> int:
-    from bernini.main import model_identity
-    from bernini.pipeline import Renderer
+    from bernini.driver import Session
+    from bernini.engine import Engine
 
-    loaded = Renderer.load(sources, runtime)
-    options = BatchOptions(output_dir=args.data_dir.resolve(), runtime=runtime)
-    renderer = JobRenderer(loaded.render, model_identity(sources), options, LocalPeers(), loaded.load_seconds, loaded.device)
-    return serve(args, access, sock, renderer, settings, sources)
+    engine = Engine.from_sources(sources, runtime=runtime, settings=settings)
+    return serve(args, access, sock, JobRenderer(Session(engine), LocalPeers()), settings, sources)
 
 
 def group_topology(args: argparse.Namespace, env: LaunchEnv, sources: Any) -> Topology:
@@ -154,8 +152,6 @@ def group_topology(args: argparse.Namespace, env: LaunchEnv, sources: Any) -> To
 
 def serve_group(args: argparse.Namespace, access: Access, sources: Any, runtime: RuntimeConfig, settings: GenerationSettings, env: LaunchEnv) -> int:
     """torchrun: every rank loads its part; rank 0 serves HTTP and shares each job; the others render with it."""
-    from bernini.main import model_identity
-
     topology = group_topology(args, env, sources)
     device = device_for(args.device, env)
     sock = bind(access) if topology.rank == 0 else None
@@ -163,14 +159,15 @@ def serve_group(args: argparse.Namespace, access: Access, sources: Any, runtime:
         torch.cuda.set_device(device)
     groups = init_distributed(topology, env, device, args.dist_timeout)
     try:
-        runtime = dataclasses.replace(runtime, device=str(device), host_ranks=env.local_world_size)
-        loaded, failure = load_member(sources, runtime, topology, groups)
-        if loaded is None:
-            log.error("the job server cannot start: %s", failure)
+        from bernini.driver import Session
+
+        world = DistWorld(topology, groups, device, env.local_world_size)
+        try:
+            engine = world.load(sources, runtime, settings, model_identity(sources), [])
+        except LoadFailure as exc:  # on every rank: all of them heard of it
+            log.error("the job server cannot start: %s", exc)
             return 2
-        render = CheckedRender(loaded, GroupStatus(groups.model, topology.model_size), writer=topology.is_leader)
-        options = BatchOptions(output_dir=args.data_dir.resolve(), runtime=runtime, write_outputs=topology.is_leader)
-        renderer = JobRenderer(render, model_identity(sources), options, GroupPeers(groups), loaded.load_seconds, loaded.device)
+        renderer = JobRenderer(Session(engine, world), GroupPeers(groups))
         if sock is not None:
             return serve(args, access, sock, renderer, settings, sources)
         renderer.serve_peer()

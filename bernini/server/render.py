@@ -1,14 +1,8 @@
-"""The one place a job is rendered: through the CLI's BatchRunner (atomic write, sidecar), by every rank of the launch.
-
-`JobRenderer.render_here` is the seam: when `bernini.engine.Engine` lands, its body becomes
-`engine.render(job.case_data, settings=job.settings, output=job.plan.output, write=self.options.write_outputs,
-on_step=steps.step_event)` and nothing else in the server changes.
-"""
+"""The one place a job is rendered: through the batch driver's Session (the CLI's engine, atomic write, sidecar), by every rank of the launch."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,9 +12,10 @@ import torch.distributed as dist
 
 from bernini.cases import Case, CaseError, parse_case
 from bernini.config import GenerationSettings
+from bernini.driver import Session
 from bernini.parallel.groups import Groups
 from bernini.plan import CasePlan, plan_case
-from bernini.runner import BatchOptions, BatchRunner, CaseRecord
+from bernini.runner import CaseRecord
 from bernini.sampling import StepEvent
 from bernini.server.fields import SOURCE
 
@@ -142,23 +137,15 @@ class _Steps:
 
 
 class JobRenderer:
-    """Renders planned jobs with a loaded renderer; rank 0 calls render(), the other ranks serve_peer()."""
+    """Renders planned jobs with a loaded engine; rank 0 calls render(), the other ranks serve_peer()."""
 
-    def __init__(
-        self,
-        render: Callable[..., Any],
-        identity: dict[str, Any],
-        options: BatchOptions,
-        peers: Peers | None = None,
-        load_seconds: float | None = None,
-        device: torch.device | None = None,
-    ) -> None:
-        self._render = render
-        self.identity = identity
-        self.options = options
+    def __init__(self, session: Session, peers: Peers | None = None) -> None:
+        self.session = session
         self.peers = peers or LocalPeers()
-        self.load_seconds = load_seconds
-        self.device = device
+
+    @property
+    def device(self) -> torch.device:
+        return self.session.engine.renderer.device
 
     def render(self, job: RenderJob, report: Report, should_stop: Callable[[], bool]) -> Rendered:
         """Rank 0: share the job with the other ranks, then render it with them; should_stop is asked after every step."""
@@ -166,10 +153,7 @@ class JobRenderer:
         return self.render_here(job, report, lambda: self.peers.agree(should_stop()))
 
     def render_here(self, job: RenderJob, report: Report, stop: Callable[[], bool]) -> Rendered:
-        steps = _Steps(report, stop)
-        runner = BatchRunner(self._render, job.settings, self.options, self.identity, None, steps, self.load_seconds)
-        with self._on_device():
-            record = runner.run_case(1, 1, job.case, job.plan)
+        record = self.session.run_case(job.case, job.plan, settings=job.settings, progress=_Steps(report, stop))
         return Rendered(record.status == "ok", record.error, Path(job.plan.output), dict(record.timings))
 
     def serve_peer(self) -> None:
@@ -180,7 +164,3 @@ class JobRenderer:
     def close(self) -> None:
         """Release the other ranks (rank 0, once no job runs)."""
         self.peers.send(None)
-
-    def _on_device(self) -> AbstractContextManager[Any]:
-        # The worker thread's current CUDA device is 0 whatever the renderer's is.
-        return torch.cuda.device(self.device) if self.device is not None and self.device.type == "cuda" else nullcontext()

@@ -12,7 +12,7 @@ import torch
 from bernini.cases import load_case_file
 from bernini.config import GenerationSettings, RuntimeConfig
 from bernini.parallel.groups import LaunchEnv, build_topology, destroy_distributed, init_distributed
-from bernini.parallel.runner import assign_cases, expert_heads, install
+from bernini.parallel.world import assign_cases, expert_heads, placement_for
 from bernini.pipeline import Renderer, resolve_sources
 from bernini.plan import plan_case
 
@@ -40,8 +40,8 @@ def main() -> int:
         torch.cuda.set_device(device)
     groups = init_distributed(topology, env, device, 120)
     try:
-        renderer = Renderer.load(sources, RuntimeConfig(device=str(device), dtype=args.dtype, compile=args.compile))
-        install(renderer, topology, groups)
+        runtime = RuntimeConfig(device=str(device), dtype=args.dtype, compile=args.compile)
+        renderer = Renderer.load(sources, runtime, placement=placement_for(topology, groups, runtime))
         cases = [load_case_file(path) for path in args.case]
         plans = [plan_case(case, SETTINGS) for case in cases]
         for i in assign_cases(plans, topology.dp)[topology.dp_index]:

@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 
 from bernini import offload
-from bernini.parallel import runner
+from bernini.parallel import runner, world
 
 
 def install(rank: int, out: Path) -> None:
     me = int(os.environ.get("RANK", "0"))
-    plan_for_run, load_member = offload.plan_for_run, runner.load_member
+    plan_for_run, load_member = offload.plan_for_run, world.load_member
 
     def unbatched_here(*args, **kwargs):
         plan = plan_for_run(*args, **kwargs)
@@ -28,7 +28,7 @@ def install(rank: int, out: Path) -> None:
         (out / f"batch_{me}").write_text(str(None if renderer is None else renderer.runtime.batch_combos))
         return renderer, failure
 
-    offload.plan_for_run, runner.load_member = unbatched_here, recorded
+    offload.plan_for_run, world.load_member = unbatched_here, recorded
 
 
 if __name__ == "__main__":
