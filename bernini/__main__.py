@@ -1,4 +1,4 @@
-"""`python -m bernini doctor | make-tiny DIR | run [flags]`: the toolkit's commands."""
+"""`python -m bernini doctor | make-tiny DIR | run [flags] | summary merge DIR...`: the toolkit's commands."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ USAGE = """usage: python -m bernini COMMAND [ARGS]
 commands:
   doctor [--config X] [--json]   report Python, torch, GPUs, attention backends, codecs, packages, config
   make-tiny DIR [--seed N]       write tiny random-weight checkpoints for tests
-  run [FLAGS]                    render cases on one GPU (the flags of infer_single_gpu.py)"""
+  run [FLAGS]                    render cases on one GPU (the flags of infer_single_gpu.py)
+  summary merge DIR... [-o OUT]  merge the summaries of a batch's shards into one summary.json"""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -28,6 +29,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bernini.main import main as run
 
         return run(args[1:], prog="python -m bernini run")
+    if command == "summary":
+        from bernini import shard
+
+        return shard.main(args[1:])
     print(USAGE, file=sys.stdout if command in ("-h", "--help") else sys.stderr)
     return 0 if command in ("-h", "--help") else 2
 

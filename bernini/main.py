@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bernini import memory
+from bernini import memory, shard
 from bernini.cases import Case, CaseError
 from bernini.cli import build_parser, collect, configure_logging, options_from, progress_for, runtime_from, settings_from, wants_progress_bars
 from bernini.config import GenerationSettings, RuntimeConfig
@@ -124,19 +124,23 @@ def main(argv: Sequence[str] | None = None, prog: str = "infer_single_gpu.py") -
     try:
         settings, planned, errors = prepare(args)
         runtime = runtime_from(args)
+        part = shard.resolve_shard(args.shard)
     except ValueError as exc:  # CaseError included: the run cannot start
         log.error("%s", exc)
         return 2
+    options = options_from(args, runtime)
+    if part is not None:
+        planned, errors, options = shard.take_share(part, planned, errors, options)
     if args.dry_run:
         return dry_run(args, planned, errors, runtime)
     if args.pe_only:
         return write_enhanced_cases(planned, errors, make_enhancer(args), Path(args.output_dir))
-    options = options_from(args, runtime)
-    if not planned:
-        log.error("no case can run")
-        run_batch([], errors, settings, options, {}, _never_load)
+    if not planned:  # every case invalid (exit 2), or an empty share of a sharded batch (exit 0)
+        if errors:
+            log.error("no case can run")
+        code = run_batch([], errors, settings, options, {}, _never_load)
         print(summary_location([], options.summary, options.output_dir))
-        return 2
+        return code
     from bernini.pipeline import Renderer, resolve_sources
 
     try:

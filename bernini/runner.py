@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -24,6 +24,9 @@ from bernini.cases import Case, CaseError
 from bernini.config import GenerationSettings, RuntimeConfig
 from bernini.plan import CasePlan, format_plan, plan_all
 from bernini.sampling import NonFiniteError, StepEvent
+
+if TYPE_CHECKING:
+    from bernini.shard import ShardRun
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,7 @@ class BatchOptions:
     write_outputs: bool = True  # False on ranks that only help (multi-GPU)
     output_dir: Path | None = None  # summary.json goes here when no case plans an output
     runtime: RuntimeConfig | None = None  # recorded in sidecars; its dtype is part of the fingerprint
+    shard: ShardRun | None = None  # one job's share of a batch split across jobs (bernini/shard.py): claims each case
 
 
 @dataclass(frozen=True)
@@ -285,9 +289,9 @@ def summary_location(plans: Sequence[CasePlan], explicit: Path | None, fallback:
 
 
 def exit_code(records: Sequence[CaseRecord]) -> int:
-    """0: every case ok (or skipped); 2: no case could run; 1: anything in between."""
+    """0: every case ok (or skipped; an empty shard has nothing to fail); 2: no case could run; 1: anything in between."""
     good = sum(r.status in ("ok", "skipped") for r in records)
-    if records and good == len(records):
+    if good == len(records):
         return 0
     ran = good + sum(r.status == "failed" for r in records)
     return 1 if ran else 2
@@ -342,6 +346,8 @@ def run_batch(
     info: dict[str, Any] = {"started": _now(), "timings": {}, "settings": settings.to_dict()}
     if options.runtime is not None:
         info["runtime"] = dataclasses.asdict(options.runtime)
+    if options.shard is not None:
+        info["shard"] = options.shard.info()
     records = [CaseRecord(source, source, "invalid", error=message) for source, message in errors]
     summary = summary_location([p for _, p in planned], options.summary, options.output_dir)
     runner = BatchRunner(lambda *a, **k: None, settings, options, model_identity, enhance, progress)
@@ -387,8 +393,12 @@ def _render_all(
         return
     runner.load_seconds = info["timings"]["load"] = round(time.perf_counter() - clock, 3)
     log.info("load: %.2f s", runner.load_seconds, extra={"event": "load", "seconds": runner.load_seconds})
+    shard = runner.options.shard
     for i, (case, plan) in enumerate(todo, 1):
-        record = runner.run_case(i, len(todo), case, plan)
+        if shard is None:
+            record = runner.run_case(i, len(todo), case, plan)
+        else:  # under the case's claim, so two jobs sharing the batch never render it twice
+            record = shard.run(case, plan, lambda: runner.run_case(i, len(todo), case, plan), lambda: is_complete(case, plan, runner.fingerprint(case)))
         records.append(record)
         save(False)
         if record.status == "failed" and fail_fast:
