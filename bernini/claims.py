@@ -5,8 +5,9 @@ the owner (host, pid namespace, pid, scheduler job id) and times, is refreshed w
 and is removed once the case ends. A claim whose owner is gone is stale and is taken over: same host
 and a dead pid, the same scheduler job (a re-queued task is its own earlier attempt), or no refresh
 for `stale_after` seconds (a job on another host that died). Claim files work on any shared
-filesystem that honours O_EXCL (local disks, NFSv3+, Lustre, GPFS); flock-style locks do not reach
-across hosts everywhere, which is why this is plain files rather than fcntl.
+filesystem that honours O_EXCL (local disks, NFSv3+, Lustre, GPFS). Written here because flock/fcntl
+locks (filelock's default) do not reach across hosts everywhere, and filelock's O_EXCL SoftFileLock
+records no owner and never takes over a lock whose owner died.
 """
 
 from __future__ import annotations
@@ -263,4 +264,7 @@ class Claims:
         finally:
             stop.set()
             refresher.join()
-            self.release(output)
+            try:
+                self.release(output)
+            except OSError as exc:  # the case is done either way; a claim left behind goes stale
+                log.warning("%s: claim release failed: %s", output, exc)

@@ -127,14 +127,18 @@ class ShardRun:
 
     def run(self, case: Case, plan: CasePlan, render: Callable[[], CaseRecord], complete: Callable[[], bool]) -> CaseRecord:
         """Render a case under its claim: skipped when another live job holds it, or finished it first."""
-        with self.claims.hold(Path(plan.output)) as other:
-            if other is not None:
-                log.info("%s: claimed by %s; skipped", case.name, other.describe())
-                return CaseRecord(case.name, case.source, "skipped", output=plan.output, error=f"claimed by another job: {other.describe()}")
-            if complete():  # checked under the claim, so a job that rendered it and let go is never redone
-                log.info("%s: complete output %s found; skipped", case.name, plan.output)
-                return CaseRecord(case.name, case.source, "skipped", output=plan.output)
-            return render()
+        try:
+            with self.claims.hold(Path(plan.output)) as other:
+                if other is not None:
+                    log.info("%s: claimed by %s; skipped", case.name, other.describe())
+                    return CaseRecord(case.name, case.source, "skipped", output=plan.output, error=f"claimed by another job: {other.describe()}")
+                if complete():  # checked under the claim, so a job that rendered it and let go is never redone
+                    log.info("%s: complete output %s found; skipped", case.name, plan.output)
+                    return CaseRecord(case.name, case.source, "skipped", output=plan.output)
+                return render()  # catches everything of its own
+        except OSError as exc:  # the claim file could not be made: render nothing rather than risk a duplicate
+            log.error("%s: cannot claim %s: %s", case.name, plan.output, exc)
+            return CaseRecord(case.name, case.source, "failed", output=plan.output, error=f"cannot create the claim file beside {plan.output}: {exc}")
 
 
 def take_share(shard: Shard, planned: Planned, errors: list[tuple[str, str]], options: BatchOptions) -> tuple[Planned, list[tuple[str, str]], BatchOptions]:
@@ -200,7 +204,7 @@ def _time(text: Any) -> datetime | None:
 def merge_summaries(paths: Sequence[Path]) -> dict[str, Any]:
     """One summary of many shards': every case once, counts and exit code recomputed, the shards listed."""
     loaded = [(path, _load(path)) for path in paths]
-    counts_of_shards = sorted({s["shard"]["count"] for _, s in loaded if s.get("shard")})
+    counts_of_shards = sorted({s["shard"]["count"] for _, s in loaded if isinstance(s.get("shard"), dict) and "count" in s["shard"]})
     if len(counts_of_shards) > 1:
         raise ValueError(f"the summaries come from runs of {' and '.join(map(str, counts_of_shards))} shards; merge the files of one run by name")
     loaded.sort(key=lambda item: ((item[1].get("shard") or {}).get("index", -1), str(item[0])))

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -308,6 +306,11 @@ def test_shard_run_renders_under_the_claim(tmp_path: Path) -> None:
     claim_by(Path(plan.output), Owner("other-node", 4242, "slurm-5.0"))
     held = run.run(case, plan, render, lambda: False)
     assert held.status == "skipped" and "host other-node pid 4242 (job slurm-5.0)" in held.error and len(seen) == 1  # type: ignore[operator]
+
+    (tmp_path / "a_file").write_text("")
+    [(case, plan)] = planned_with({"b": 100}, tmp_path / "a_file")  # no claim can be made inside a file
+    failed = run.run(case, plan, render, lambda: False)
+    assert failed.status == "failed" and "cannot create the claim file" in failed.error and len(seen) == 1  # type: ignore[operator]
 
 
 # ---- summary merge ----
