@@ -1,4 +1,4 @@
-"""`python -m bernini doctor | make-tiny DIR | run [flags] | serve [flags]`: the toolkit's commands."""
+"""`python -m bernini doctor | make-tiny DIR | run [flags] | serve [flags] | summary merge DIR...`: the toolkit's commands."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ commands:
   doctor [--config X] [--json]   report Python, torch, GPUs, attention backends, codecs, packages, config
   make-tiny DIR [--seed N]       write tiny random-weight checkpoints for tests
   run [FLAGS]                    render cases on one GPU (the flags of infer_single_gpu.py)
-  serve [FLAGS]                  the /v1/videos job server (model flags as run; --host, --port, --data_dir)"""
+  serve [FLAGS]                  the /v1/videos job server (model flags as run; --host, --port, --data_dir)
+  summary merge DIR... [-o OUT]  merge the summaries of a batch's shards into one summary.json"""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -33,6 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bernini.server.launch import main as serve
 
         return serve(args[1:], prog="python -m bernini serve")
+    if command == "summary":
+        from bernini import shard
+
+        return shard.main(args[1:])
     print(USAGE, file=sys.stdout if command in ("-h", "--help") else sys.stderr)
     return 0 if command in ("-h", "--help") else 2
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bernini import memory
+from bernini import memory, shard
 from bernini.cases import BatchSpec, Case, collect_cases
 from bernini.config import DEFAULT_CONFIG_DIR, GenerationSettings, RuntimeConfig
 from bernini.plan import CasePlan, check_run_destinations, format_plan, plan_all
@@ -21,6 +21,7 @@ from bernini.world import Planned, World, describe
 
 if TYPE_CHECKING:
     from bernini.pipeline import ModelSources
+    from bernini.shard import Shard, ShardRun
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class BatchRequest:
     pe_only: bool = False
     use_pe: bool = False
     enhancer: Callable[[], Enhance] | None = None  # builds the --use_pe / --pe_only hook when first needed
+    shard: Shard | None = None  # --shard, or the array job's variables (bernini/shard.py)
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class BatchPlan:
     summary: Path | None = None
     info: dict[str, Any] = field(default_factory=dict)  # summary.json's run fields
     sources: ModelSources | None = None  # the checkpoint every rank loads
+    shard: ShardRun | None = None  # a job's share of a batch split across jobs: each case is rendered under its claim
 
 
 def _now() -> str:
@@ -77,6 +80,9 @@ def plan_batch(request: BatchRequest, world: World, sources: ModelSources | None
         planned = plan_all(cases, request.settings, errors)
         for source, message in errors:
             log.error("invalid case %s", message if message.startswith(source) else f"{source}: {message}")
+        if request.shard is not None:  # this job's share of a batch split across jobs: its cases, its summary, claims
+            planned, errors, options = shard.take_share(request.shard, planned, errors, request.options)
+            request = dataclasses.replace(request, options=options)
         summary = summary_location([p for _, p in planned], request.options.summary, request.options.output_dir)
         check_run_destinations(planned, summary, Path(request.spec.output_dir), overwrite=request.spec.overwrite)
     except ValueError as exc:  # CaseError included: the inputs cannot be read, or the run has nowhere to go
@@ -89,8 +95,11 @@ def plan_batch(request: BatchRequest, world: World, sources: ModelSources | None
         return write_enhanced_cases(planned, errors, request.enhancer(), Path(request.spec.output_dir))
     invalid = [CaseRecord(source, source, "invalid", error=message) for source, message in errors]
     info = {"started": _now(), "timings": {}, "settings": request.settings.to_dict(), "runtime": dataclasses.asdict(request.runtime), **world.run_info()}
+    if request.options.shard is not None:
+        info["shard"] = request.options.shard.info()
     if not planned:
-        log.error("no case can run")
+        if errors or request.shard is None:  # an empty share of a sharded batch is simply done
+            log.error("no case can run")
         return BatchPlan(finished=invalid, summary=summary, info=info)
     try:
         sources = sources or resolve(request)
@@ -99,8 +108,7 @@ def plan_batch(request: BatchRequest, world: World, sources: ModelSources | None
         log.error("%s", exc)
         return BatchPlan(exit_code=2)
     todo, skipped = resume(planned, request, identity)
-    # Sharding across jobs (bernini/shard.py) takes this job's share of `todo` here: after resume, before the groups' shares.
-    return BatchPlan(None, (), identity, invalid + skipped, todo, world.assign([p for _, p in todo]), summary, info, sources)
+    return BatchPlan(None, (), identity, invalid + skipped, todo, world.assign([p for _, p in todo]), summary, info, sources, request.options.shard)
 
 
 def resolve(request: BatchRequest) -> ModelSources:

@@ -116,6 +116,9 @@ def build_parser(prog: str, multi_gpu: bool = False) -> argparse.ArgumentParser:
         d = p.add_argument_group("multi-GPU")
         d.add_argument("--ulysses", type=int, default=1, help="Ulysses sequence-parallel degree per case")
         d.add_argument("--cfg_parallel", type=int, default=1, help="run guidance passes on this many GPU groups at once")
+    else:  # a batch across independent jobs (bernini/shard.py); torchrun spreads one launch instead
+        b.add_argument("--shard", metavar="INDEX/COUNT", help="render share INDEX (from 0) of COUNT jobs; default: from SLURM array / "
+                       "Kubernetes indexed-job variables; none: the whole batch (README: Batches across many jobs)")
     return p
 
 

@@ -24,7 +24,7 @@ from bernini.batch import BatchPlan, BatchRequest, Enhance, not_run, plan_batch
 from bernini.cases import Case, CaseError
 from bernini.config import GenerationSettings
 from bernini.plan import CasePlan
-from bernini.runner import CaseRecord, LogProgress, Progress, counts_of, exit_code, release_memory, tally, write_summary
+from bernini.runner import CaseRecord, LogProgress, Progress, counts_of, exit_code, fingerprint_for, is_complete, release_memory, tally, write_summary
 from bernini.sampling import NonFiniteError, StepEvent
 from bernini.world import LoadFailure, LocalWorld, Part, World, describe
 
@@ -273,8 +273,12 @@ def render_cases(
                 log.error("--fail-fast: stopping %s", why)
                 break
         case, case_plan = plan.todo[index]
-        # A job sharing the folder with others claims the case here (bernini/shard.py), around its render.
-        rendered[index] = record = session.run_case(case, case_plan, n, len(mine))
+        if plan.shard is None:
+            record = session.run_case(case, case_plan, n, len(mine))
+        else:  # under the case's claim, so jobs sharing the batch never render it twice
+            record = plan.shard.run(case, case_plan, lambda: session.run_case(case, case_plan, n, len(mine)),
+                                    lambda: is_complete(case, case_plan, fingerprint_for(case, request.settings, plan.identity, request.runtime)))
+        rendered[index] = record
         save()
         if record.status == "failed" and request.options.fail_fast:
             failed = case.name

@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from bernini import batch, driver
+from bernini import batch, driver, shard
 from bernini.cli import batch_spec_from, build_parser, configure_logging, options_from, progress_for, runtime_from, settings_from, wants_progress_bars
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ def request_from(args: argparse.Namespace) -> batch.BatchRequest:
         pe_only=args.pe_only,
         use_pe=args.use_pe,
         enhancer=lambda: make_enhancer(args),  # looked up when first needed
+        shard=shard.resolve_shard(args.shard) if "shard" in vars(args) else None,  # one-process runs only
     )
 
 

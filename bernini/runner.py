@@ -28,6 +28,9 @@ from bernini.sampling import StepEvent
 if TYPE_CHECKING:
     from bernini.pipeline import ModelSources, RenderOutput
 
+if TYPE_CHECKING:
+    from bernini.shard import ShardRun
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -50,6 +53,7 @@ class BatchOptions:
     summary: Path | None = None
     output_dir: Path | None = None  # summary.json goes here when no case plans an output
     runtime: RuntimeConfig | None = None  # recorded in sidecars; its dtype is part of the fingerprint
+    shard: ShardRun | None = None  # one job's share of a batch split across jobs (bernini/shard.py): claims each case
 
 
 @dataclass(frozen=True)
@@ -250,9 +254,9 @@ def summary_location(plans: Sequence[CasePlan], explicit: Path | None, fallback:
 
 
 def exit_code(records: Sequence[CaseRecord]) -> int:
-    """0: every case ok (or skipped); 2: no case could run; 1: anything in between."""
+    """0: every case ok (or skipped; an empty shard has nothing to fail); 2: no case could run; 1: anything in between."""
     good = sum(r.status in ("ok", "skipped") for r in records)
-    if records and good == len(records):
+    if good == len(records):
         return 0
     ran = good + sum(r.status == "failed" for r in records)
     return 1 if ran else 2
