@@ -14,6 +14,11 @@ Needs a tiny checkpoint for the tokenizer and scheduler config (python -m bernin
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/x.py`: the root holds benchmarks/ and bernini/
+
 import argparse
 import dataclasses
 import logging

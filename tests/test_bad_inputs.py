@@ -205,7 +205,7 @@ def test_confine_outputs_and_relative_outputs(config: str, tmp_path: Path, monke
     # and the dry run shows every absolute output path.
     code, out, err = run(config, capsys, "--case", cases, "--output_dir", "outs", "--dry-run")
     assert code == 0, err
-    rows = {line.split()[0]: line for line in out.splitlines()[1:4]}
+    rows = {line.split()[0]: line for line in [row for row in out.splitlines()[1:] if not row.startswith(" ")][:3]}  # not 'passes:' lines
     assert rows["escape"].endswith(str(tmp_path / "escaped.mp4")) and rows["inside"].endswith(str(work / "outs" / "inside.mp4"))
     assert rows["via_link"].endswith(str(elsewhere / "x.mp4"))
     assert f"escape: output {tmp_path / 'escaped.mp4'}" in err
@@ -281,7 +281,8 @@ def test_frame_rules(config: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     code = entry.main(["--config", config, "--case", str(ASSETS / "t2v"), str(ASSETS / "t2i"), "--output_dir", str(tmp_path), "--dry-run", *TINY, "--num_frames", "80"])
     out, err = capsys.readouterr()
     assert code == 0 and "num_frames 80 coerced to 4k+1: 81" in err
-    frames = {line.split()[0]: int(line.split()[4]) for line in out.splitlines()[1:3]}
+    rows = [line for line in out.splitlines()[1:] if not line.startswith(" ")][:2]  # the table's rows, not their 'passes:' lines
+    frames = {line.split()[0]: int(line.split()[4]) for line in rows}
     assert frames == {"t2v": 81, "t2i": 1}
     code = entry.main(["--config", config, "--case", str(ASSETS / "t2v"), "--output_dir", str(tmp_path), "--dry-run", *TINY, "--num_frames", "4"])
     assert code == 0 and int(capsys.readouterr().out.splitlines()[1].split()[4]) == 5

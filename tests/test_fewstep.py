@@ -64,7 +64,7 @@ def test_solver_euler_is_the_official_no_use_unipc_scheduler() -> None:
 
 def test_switch_step_must_fit_the_steps() -> None:
     assert parse("--num_inference_steps", "4", "--switch_step", "4").switch_step == 4
-    with pytest.raises(ValueError, match="switch_step must be between 0 and num_inference_steps \\(4\\), got 5"):
+    with pytest.raises(ValueError, match="switch_step must be an integer from 0 to num_inference_steps \\(4\\), got --switch_step 5"):
         parse("--num_inference_steps", "4", "--switch_step", "5")
 
 

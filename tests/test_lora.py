@@ -418,8 +418,9 @@ def test_dry_run_lists_the_loras(tiny: Path, tmp_path: Path, capsys: pytest.Capt
 
 def test_demo_picker_loads_the_experts_again_only_for_a_new_set(tiny: Path, tmp_path: Path) -> None:
     from bernini import demo
+    from bernini.driver import Session
+    from bernini.engine import Engine
     from bernini.pipeline import resolve_sources
-    from bernini.runner import BatchOptions, model_identity
 
     folder = tmp_path / "loras"
     folder.mkdir()
@@ -427,14 +428,13 @@ def test_demo_picker_loads_the_experts_again_only_for_a_new_set(tiny: Path, tmp_
     sources = resolve_sources(str(tiny))
     runtime = RuntimeConfig(**RUNTIME)  # type: ignore[arg-type]
     renderer = Renderer.load(sources, runtime)
-    runner = demo.JobRunner(renderer.render, model_identity(sources), BatchOptions(output_dir=tmp_path, runtime=runtime), demo.LocalPeers())
+    runner = demo.JobRunner(Session(Engine(renderer, sources)), demo.LocalPeers())
     loads: list[tuple[lora.LoraRef, ...]] = []
 
     def switch(refs: tuple[lora.LoraRef, ...]) -> None:  # what serve_single does, minus freeing memory
         loads.append(refs)
         fresh = Renderer.load(sources, RuntimeConfig(**RUNTIME, loras=refs))  # type: ignore[arg-type]
-        runner.render = fresh.render
-        runner.options = BatchOptions(output_dir=tmp_path, runtime=fresh.runtime)
+        runner.session = Session(Engine(fresh, sources))
 
     settings = GenerationSettings(num_inference_steps=2, num_frames=5, height=32, width=48)
     service = demo.DemoService(runner, settings, tmp_path / "saved", lora_dir=folder, switch_loras=switch)

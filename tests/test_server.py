@@ -31,10 +31,11 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from bernini.cases import load_case_file  # noqa: E402
 from bernini.config import GenerationSettings, RuntimeConfig  # noqa: E402
+from bernini.driver import Session  # noqa: E402
+from bernini.engine import Engine  # noqa: E402
 from bernini.media import verify_media  # noqa: E402
 from bernini.pipeline import Renderer, resolve_sources  # noqa: E402
 from bernini.runner import (
-    BatchOptions,  # noqa: E402
     model_identity,  # noqa: E402
 )
 from bernini.server import auth, launch  # noqa: E402
@@ -271,8 +272,7 @@ class Harness:
         sources, renderer = loaded
         self.folders = ServerFolders.create(root)
         self.store = JobStore(self.folders.database)
-        options = BatchOptions(output_dir=self.folders.videos, runtime=renderer.runtime)
-        self.renderer = Recording(JobRenderer(renderer.render, model_identity(sources), options, None, renderer.load_seconds, renderer.device))
+        self.renderer = Recording(JobRenderer(Session(Engine(renderer, sources, identity=model_identity(sources)))))
         redact = Redactor(self.folders, [sources.config_dir])
         self.worker = Worker(self.store, self.folders, self.renderer, redact)  # type: ignore[arg-type]
         self.service = JobService(self.store, self.folders, TINY_SETTINGS, limits or auth.Limits(), "bernini-r", redact, None)

@@ -7,6 +7,7 @@ Every rank renders CASE once and writes OUT_DIR/rank_<rank>.json: its placement 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -22,7 +23,11 @@ from bernini.pipeline import resolve_sources
 from bernini.plan import plan_case
 
 sys.path.insert(0, str(Path(__file__).parent))
-from render_latents import SETTINGS  # noqa: E402  (odd sequence lengths: rv2v is 45/90/110/110 tokens)
+from render_latents import SETTINGS as PARITY_SETTINGS  # noqa: E402  (odd sequence lengths: rv2v is 45/90/110/110 tokens)
+
+# Every pass of every step runs, so the placement of all four rv2v passes is what the last step reports
+# (with zero-weight passes skipped, the low expert's ω_vid 1.25 x 0.8 = 1 drops none·u).
+SETTINGS = dataclasses.replace(PARITY_SETTINGS, skip_zero_passes=False)
 
 
 def main() -> int:
