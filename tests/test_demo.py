@@ -337,7 +337,8 @@ def test_torchrun_ulysses_rank0_serves_and_all_ranks_render(config: str, tmp_pat
         url = f"http://127.0.0.1:{port}/"
         wait_for(url, proc, 90)
         client = Client(url, verbose=False)
-        empty = {"guidance_mode": None, "source_video": None, "reference_video": None, "image": None, "images": None}
+        empty = {"guidance_mode": None, "source_video": None, "reference_video": None, "image": None, "images": None,
+                 "omega_vid_low": None, "omega_img_low": None, "omega_txt_low": None}  # empty: ω x omega_scale, as upstream
         for _ in range(2):  # the second request proves the other rank went back to waiting
             _, image, prompt, status = client.predict(task_type="t2i", prompt="a red cat", **empty, api_name="/generate")
             assert prompt == "a red cat" and status.startswith("saved t2i_"), status

@@ -3,7 +3,8 @@
 from bernini.demo.page import Page, build_app, request_from_page
 from bernini.demo.serve import Access, access_from, build_parser, launch_options, main, parse_args, start
 from bernini.demo.serve import base_settings as base_settings
-from bernini.demo.service import Cancelled, DemoRequest, DemoResult, DemoService, DistPeers, JobRunner, LocalPeers, RenderError
+from bernini.demo.service import Cancelled, DemoRequest, DemoResult, DemoService, JobRunner, RenderError
+from bernini.parallel.peers import DistPeers, LocalPeers
 
 __all__ = [
     "Access", "Cancelled", "DemoRequest", "DemoResult", "DemoService", "DistPeers", "JobRunner", "LocalPeers", "Page", "RenderError",

@@ -17,9 +17,10 @@ from bernini.batch import make_enhancer
 from bernini.cli import runtime_from, settings_from
 from bernini.config import GenerationSettings, RuntimeConfig
 from bernini.demo.page import build_app
-from bernini.demo.service import DemoService, DistPeers, JobRunner, LocalPeers
+from bernini.demo.service import DemoService, JobRunner
 from bernini.driver import Session
 from bernini.parallel.groups import LaunchEnv, Topology, build_topology, destroy_distributed, init_distributed
+from bernini.parallel.peers import DistPeers, LocalPeers
 from bernini.parallel.runner import build_parser as multi_gpu_parser
 from bernini.parallel.runner import launch_env
 from bernini.parallel.world import DistWorld, device_for, expert_heads

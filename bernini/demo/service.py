@@ -7,15 +7,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
-
-import torch.distributed as dist
+from typing import Any
 
 from bernini.cases import Case, CaseError, check_task_inputs, parse_case
 from bernini.config import GenerationSettings
 from bernini.driver import Session
 from bernini.lora import LoraRef, resolve
-from bernini.parallel.groups import Groups
+from bernini.parallel.peers import LocalPeers, Peers
 from bernini.plan import CasePlan, plan_case
 from bernini.presets import get_preset
 from bernini.runner import CaseRecord, sidecar_path
@@ -111,50 +109,6 @@ class DemoResult:
 
 
 # ---------------------------------------------------------------- ranks
-
-
-class Peers(Protocol):
-    """The other ranks of a torchrun launch: rank 0 sends each job, all agree on stopping."""
-
-    def send(self, job: Job | None) -> None: ...
-
-    def receive(self) -> Job | None: ...
-
-    def agree(self, stop: bool) -> bool: ...
-
-
-class LocalPeers:
-    """One process: nobody to tell."""
-
-    def send(self, job: Job | None) -> None:
-        pass
-
-    def receive(self) -> Job | None:
-        return None
-
-    def agree(self, stop: bool) -> bool:
-        return stop
-
-
-class DistPeers:
-    """Ranks of one model group: jobs go out on the control group, the stop flag every step on the model group."""
-
-    def __init__(self, groups: Groups) -> None:
-        self.groups = groups
-
-    def send(self, job: Job | None) -> None:
-        dist.broadcast_object_list([job], src=0, group=self.groups.control)
-
-    def receive(self) -> Job | None:
-        box: list[Job | None] = [None]
-        dist.broadcast_object_list(box, src=0, group=self.groups.control)
-        return box[0]
-
-    def agree(self, stop: bool) -> bool:
-        # Every rank leaves the case at the same step, or the others would wait in a collective.
-        flag = [stop]
-        dist.broadcast_object_list(flag, src=0, group=self.groups.model)
-        return bool(flag[0])
 
 
 def _ignore(event: StepEvent) -> None:

@@ -16,13 +16,14 @@ import torch
 from bernini.cli import runtime_from, settings_from
 from bernini.config import GenerationSettings, RuntimeConfig
 from bernini.parallel.groups import LaunchEnv, Topology, build_topology, destroy_distributed, init_distributed
+from bernini.parallel.peers import DistPeers, LocalPeers
 from bernini.parallel.runner import build_parser as multi_gpu_parser
 from bernini.parallel.runner import launch_env
 from bernini.parallel.world import DistWorld, device_for, expert_heads
 from bernini.runner import model_identity
 from bernini.server.auth import LOCALHOST, TOKEN_ENV, Access, Limits, access_for
 from bernini.server.folders import Redactor, ServerFolders
-from bernini.server.render import GroupPeers, JobRenderer, LocalPeers
+from bernini.server.render import JobRenderer
 from bernini.server.store import JobStore
 from bernini.world import LoadFailure
 
@@ -167,7 +168,7 @@ def serve_group(args: argparse.Namespace, access: Access, sources: Any, runtime:
         except LoadFailure as exc:  # on every rank: all of them heard of it
             log.error("the job server cannot start: %s", exc)
             return 2
-        renderer = JobRenderer(Session(engine, world), GroupPeers(groups))
+        renderer = JobRenderer(Session(engine, world), DistPeers(groups))
         if sock is not None:
             return serve(args, access, sock, renderer, settings, sources)
         renderer.serve_peer()

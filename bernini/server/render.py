@@ -5,15 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from bernini.cases import Case, CaseError, parse_case
 from bernini.config import GenerationSettings
 from bernini.driver import Session
-from bernini.parallel.groups import Groups
+from bernini.parallel.peers import LocalPeers, Peers
 from bernini.plan import CasePlan, plan_case
 from bernini.runner import CaseRecord
 from bernini.sampling import StepEvent
@@ -57,50 +56,6 @@ def plan_job(job_id: str, case_data: Mapping[str, Any], settings: GenerationSett
 
 
 # ---------------------------------------------------------------- ranks
-
-
-class Peers(Protocol):
-    """The other ranks of a torchrun launch: rank 0 sends each job; all agree each step on stopping."""
-
-    def send(self, job: RenderJob | None) -> None: ...
-
-    def receive(self) -> RenderJob | None: ...
-
-    def agree(self, stop: bool) -> bool: ...
-
-
-class LocalPeers:
-    """One process: nobody to tell."""
-
-    def send(self, job: RenderJob | None) -> None:
-        pass
-
-    def receive(self) -> RenderJob | None:
-        return None
-
-    def agree(self, stop: bool) -> bool:
-        return stop
-
-
-class GroupPeers:
-    """Ranks of one model group (the demo's DistPeers, for server jobs): jobs on the control group, stop flags on the model group."""
-
-    def __init__(self, groups: Groups) -> None:
-        self.groups = groups
-
-    def send(self, job: RenderJob | None) -> None:
-        dist.broadcast_object_list([job], src=0, group=self.groups.control)
-
-    def receive(self) -> RenderJob | None:
-        box: list[RenderJob | None] = [None]
-        dist.broadcast_object_list(box, src=0, group=self.groups.control)
-        return box[0]
-
-    def agree(self, stop: bool) -> bool:
-        # Every rank leaves the render at the same step, or the others would wait in a collective.
-        flag = [stop]
-        dist.broadcast_object_list(flag, src=0, group=self.groups.model)
-        return bool(flag[0])
 
 
 # ---------------------------------------------------------------- rendering
