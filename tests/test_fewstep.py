@@ -182,6 +182,7 @@ def test_low_expert_omegas_replace_the_switch_rule(renderer: Renderer) -> None:
 
 
 def test_demo_preset_list_sets_the_page_knobs_and_the_service_takes_them() -> None:
+    pytest.importorskip("gradio", reason="the demo needs gradio (requirements.txt)")
     from bernini.demo.page import PRESET_KNOBS, preset_updates
     from bernini.demo.service import settings_with
 

@@ -417,6 +417,7 @@ def test_dry_run_lists_the_loras(tiny: Path, tmp_path: Path, capsys: pytest.Capt
 
 
 def test_demo_picker_loads_the_experts_again_only_for_a_new_set(tiny: Path, tmp_path: Path) -> None:
+    pytest.importorskip("gradio", reason="the demo needs gradio (requirements.txt)")
     from bernini import demo
     from bernini.driver import Session
     from bernini.engine import Engine
