@@ -136,6 +136,20 @@ class PresetAction(argparse.Action):
         namespace.lora_low = [*(namespace.lora_low or []), *preset.lora_low]
 
 
+# Flags of the batch CLI with no meaning for a long-lived server (the demo, the job server): each request gives its case.
+BATCH_ONLY = (
+    "case", "inputs", "prompt", "task_type", "video", "image", "images", "output", "output_dir", "guidance_mode",
+    "pe_only", "dry_run", "fail_fast", "skip_existing", "summary",
+)
+
+
+def hide_flags(parser: argparse.ArgumentParser, dests: tuple[str, ...]) -> None:
+    """Keep flags parseable (to refuse them by name) but out of --help."""
+    for action in parser._actions:  # argparse has no public lookup by dest
+        if action.dest in dests:
+            action.help = argparse.SUPPRESS
+
+
 def settings_from(args: argparse.Namespace) -> GenerationSettings:
     if args.guidance_mode in PLANNER_ONLY_MODES:
         raise ValueError(f"--guidance_mode {args.guidance_mode} belongs to the full Bernini planner; the renderer supports: {', '.join(GUIDANCE_MODES)}")

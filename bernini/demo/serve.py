@@ -14,7 +14,7 @@ import gradio as gr
 import torch
 
 from bernini.batch import make_enhancer
-from bernini.cli import runtime_from, settings_from
+from bernini.cli import BATCH_ONLY, hide_flags, runtime_from, settings_from
 from bernini.config import GenerationSettings, RuntimeConfig
 from bernini.demo.page import build_app
 from bernini.demo.service import DemoService, JobRunner
@@ -35,11 +35,6 @@ log = logging.getLogger(__package__)  # "bernini.demo" for every module of the d
 LOCALHOST = "127.0.0.1"
 PUBLIC_HOST = "0.0.0.0"
 DEFAULT_SAVE_DIR = "outputs/gradio"
-# Flags of the batch CLI with no meaning here: the browser supplies the case.
-BATCH_ONLY = (
-    "case", "inputs", "prompt", "task_type", "video", "image", "images", "output", "output_dir", "guidance_mode",
-    "pe_only", "dry_run", "fail_fast", "skip_existing", "summary",
-)
 
 
 # ---------------------------------------------------------------- flags and access
@@ -49,7 +44,7 @@ def build_parser(prog: str = "gradio_demo.py") -> argparse.ArgumentParser:
     """The CLI's model, generation, prompt-enhancer, runtime and multi-GPU flags, plus the demo's own."""
     parser = multi_gpu_parser(prog)
     parser.description = "Serve Bernini-R in the browser (README.md, 'Gradio demo'). Binds 127.0.0.1 unless told otherwise."
-    _hide(parser, BATCH_ONLY)
+    hide_flags(parser, BATCH_ONLY)
     d = parser.add_argument_group("demo")
     d.add_argument("--port", type=int, default=7860)
     d.add_argument("--listen", action="store_true", help=f"serve on {PUBLIC_HOST} (every interface), not {LOCALHOST}; needs --auth or --auth_file")
@@ -61,12 +56,6 @@ def build_parser(prog: str = "gradio_demo.py") -> argparse.ArgumentParser:
     d.add_argument("--max_file_size", default="500mb", help="upload size cap, gradio syntax (500mb, 2gb)")
     d.add_argument("--lora_dir", type=Path, help="folder of .safetensors LoRAs the page offers (picking others loads the experts again)")
     return parser
-
-
-def _hide(parser: argparse.ArgumentParser, dests: Sequence[str]) -> None:
-    for action in parser._actions:  # argparse has no public lookup by dest
-        if action.dest in dests:
-            action.help = argparse.SUPPRESS
 
 
 def parse_args(argv: Sequence[str] | None = None, prog: str = "gradio_demo.py") -> argparse.Namespace:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from bernini.cli import runtime_from, settings_from
+from bernini.cli import BATCH_ONLY, hide_flags, runtime_from, settings_from
 from bernini.config import GenerationSettings, RuntimeConfig
 from bernini.parallel.groups import LaunchEnv, Topology, build_topology, destroy_distributed, init_distributed
 from bernini.parallel.peers import DistPeers, LocalPeers
@@ -31,20 +31,13 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DATA_DIR = "outputs/server"
 DEFAULT_MODEL_NAME = "bernini-r"
-# Flags of the batch CLI with no meaning here: each request gives its case.
-BATCH_ONLY = (
-    "case", "inputs", "prompt", "task_type", "video", "image", "images", "output", "output_dir", "guidance_mode",
-    "pe_only", "dry_run", "fail_fast", "skip_existing", "summary",
-)
 
 
 def build_parser(prog: str = "bernini serve") -> argparse.ArgumentParser:
     """The CLI's model, generation, runtime and multi-GPU flags (the defaults of every job), plus the server's own."""
     parser = multi_gpu_parser(prog)
     parser.description = "Serve Bernini-R over HTTP as /v1/videos (README.md, 'Job server'). Binds 127.0.0.1 unless told otherwise."
-    for action in parser._actions:  # argparse has no public lookup by dest
-        if action.dest in BATCH_ONLY:
-            action.help = argparse.SUPPRESS
+    hide_flags(parser, BATCH_ONLY)
     s = parser.add_argument_group("job server")
     s.add_argument("--host", default=LOCALHOST, help=f"address to listen on; anything but {LOCALHOST}/localhost/::1 needs {TOKEN_ENV}")
     s.add_argument("--port", type=int, default=8000)
