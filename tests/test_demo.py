@@ -6,8 +6,6 @@ import http.client
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +16,8 @@ from typing import Any
 import pytest
 
 gr = pytest.importorskip("gradio", reason="the demo needs gradio (requirements.txt)")
+
+from launch import end_group, free_port  # noqa: E402
 
 from bernini import demo  # noqa: E402
 from bernini.cases import CaseError  # noqa: E402
@@ -33,11 +33,6 @@ MEDIA = ROOT / "assets" / "testcases" / "media"
 TINY = ["--num_inference_steps", "2", "--max_image_size", "64", "--num_frames", "5", "--height", "32", "--width", "48", "--device", "cpu", "--dtype", "float32"]
 NAME = re.compile(r"^(t2i|v2v)_\d{8}_\d{6}_\d{6}\.(png|mp4)$")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -345,9 +340,4 @@ def test_torchrun_ulysses_rank0_serves_and_all_ranks_render(config: str, tmp_pat
         outputs = sorted(save_dir.glob("t2i_*.png"))
         assert len(outputs) == 2 and all((save_dir / f"{p.name}.json").is_file() for p in outputs)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the process group this test started
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        end_group(proc, 30)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +17,8 @@ import pytest
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 pytest.importorskip("gradio", reason="the demo needs gradio (requirements.txt)")
 
+from launch import end_group, free_port  # noqa: E402
+
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.is_file():
     pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium)", allow_module_level=True)
@@ -29,11 +29,6 @@ TINY = ["--num_inference_steps", "2", "--max_image_size", "64", "--num_frames", 
 BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 WAIT_MS = 45_000  # one tiny render on a busy CPU takes seconds; this bounds a hang
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until_served(url: str, proc: subprocess.Popen, log: Path, seconds: float) -> None:
@@ -67,12 +62,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
         wait_until_served(url, proc, log, 90)
         yield url, save_dir, log
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the process group this fixture started
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        end_group(proc, 20)
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +169,10 @@ def test_stop_cancels_between_steps(page: sync_api.Page, browser: sync_api.Brows
     other.close()
     assert "cancelled after step" not in server[2].read_text()
     page.locator("#stop").click()
-    sync_api.expect(page.locator("#status textarea")).to_have_value("stopping after the current step")
+    # "stopping ..." shows until the run ends at the next step boundary and writes its own status; on a
+    # fast machine that can happen before the first look, so either message proves the Stop was taken.
+    sync_api.expect(page.locator("#status textarea")).to_have_value(
+        re.compile(r"stopping after the current step|cancelled after step \d+/100; nothing was saved"))
     log = server[2]
     deadline = time.monotonic() + 20  # a step of this size takes well under a second
     while "cancelled after step" not in log.read_text() and time.monotonic() < deadline:

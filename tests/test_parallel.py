@@ -6,13 +6,13 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import free_port
 
 from bernini.guidance import I_C, I_U, NONE_C, NONE_U, V_U, VI_C, VI_U
 from bernini.parallel.cfg import CfgCombos, assign_combos
@@ -151,11 +151,6 @@ def test_group_status_of_one_needs_no_collective() -> None:
 
 # ---------------------------------------------------------------- torchrun helpers
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(nproc: int, script: Path | str, *args: str, rdzv: list[str] | None = None) -> list[str]:

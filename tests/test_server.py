@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ openai = pytest.importorskip("openai", reason="the tests drive the server with t
 pytest.importorskip("openai.resources.videos", reason="the tests need an openai SDK with client.videos")
 
 from fastapi.testclient import TestClient  # noqa: E402
+from launch import end_group, free_port  # noqa: E402
 
 from bernini.cases import load_case_file  # noqa: E402
 from bernini.config import GenerationSettings, RuntimeConfig  # noqa: E402
@@ -56,11 +56,6 @@ TINY = ["--num_inference_steps", "2", "--max_image_size", "64", "--num_frames", 
 TINY_SETTINGS = GenerationSettings(num_inference_steps=2, max_image_size=64, num_frames=5, height=32, width=48)
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # same threads: same floats in every process
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def frames_of(path: Path) -> np.ndarray:
@@ -610,9 +605,4 @@ def test_torchrun_gloo_rank0_serves_and_both_ranks_render(config: str, tmp_path:
             assert wait_until(done, 120, prompt)["status"] == "completed"
             assert httpx.get(f"{url}/v1/videos/{job['id']}/content", timeout=10).content[:4] == b"\x89PNG"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the process group this test started
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        end_group(proc, 30)
