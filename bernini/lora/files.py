@@ -89,11 +89,8 @@ def _hub_file(repo: str, filename: str | None) -> Path:
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def resolve(specs: Sequence[tuple[str, str]]) -> tuple[LoraRef, ...]:
