@@ -26,18 +26,12 @@ from bernini.driver import Session  # noqa: E402
 from bernini.engine import Engine  # noqa: E402
 from bernini.media import verify_media  # noqa: E402
 from bernini.pipeline import Renderer, resolve_sources  # noqa: E402
-from bernini.testing import tiny_checkpoints  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MEDIA = ROOT / "assets" / "testcases" / "media"
 TINY = ["--num_inference_steps", "2", "--max_image_size", "64", "--num_frames", "5", "--height", "32", "--width", "48", "--device", "cpu", "--dtype", "float32"]
 NAME = re.compile(r"^(t2i|v2v)_\d{8}_\d{6}_\d{6}\.(png|mp4)$")
 
-
-
-@pytest.fixture(scope="module")
-def config() -> str:
-    return str(tiny_checkpoints().diffusers)
 
 
 @pytest.fixture(scope="module")

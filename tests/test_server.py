@@ -45,7 +45,6 @@ from bernini.server.jobs import JobService  # noqa: E402
 from bernini.server.render import JobRenderer, Rendered, RenderJob  # noqa: E402
 from bernini.server.store import JobStore  # noqa: E402
 from bernini.server.worker import Worker  # noqa: E402
-from bernini.testing import tiny_checkpoints  # noqa: E402
 
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"openai\..*")  # the SDK marks client.videos deprecated
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -75,11 +74,6 @@ def wait_until(check: Callable[[], Any], seconds: float, what: str, every: float
             return value
         time.sleep(every)
     pytest.fail(f"timed out after {seconds} s waiting for {what}")
-
-
-@pytest.fixture(scope="module")
-def config() -> str:
-    return str(tiny_checkpoints().diffusers)
 
 
 # ---------------------------------------------------------------- a server process
