@@ -17,7 +17,6 @@ import pytest
 from openai_stub import RecordedRequest, StubServer, answer, delayed, empty, http_error, malformed_json
 from PIL import Image
 
-from bernini import pe_templates
 from bernini.prompt_enhancer import (
     DEFAULT_MODEL,
     NO_KEY_ERROR,
@@ -27,6 +26,7 @@ from bernini.prompt_enhancer import (
     PromptEnhancerError,
     backoff_delay,
     build_messages,
+    templates,
 )
 from bernini.prompt_enhancer import _upright as upright  # private helper, tested directly
 
@@ -159,7 +159,7 @@ def test_t2i_uses_still_image_rewriter(server_env: StubServer, tmp_path: Path) -
     assert make_enhancer(tmp_path).enhance("t2i", "lighthouse").prompt == "A lighthouse at dusk."
     system = only_request(server_env).body["messages"][0]["content"]
     assert "single still image" in system and "no motion and no camera movement" in system
-    assert system != pe_templates.T2V_SYSTEM_PROMPT
+    assert system != templates.T2V_SYSTEM_PROMPT
 
 
 def test_v2v_sends_first_middle_last_frame_of_each_video(server_env: StubServer, tmp_path: Path, video: Path) -> None:
@@ -236,7 +236,7 @@ def test_rv2v_sends_source_frames_then_references(
     assert bytes_of(urls[3]) == png.read_bytes()
 
 
-@pytest.mark.parametrize("task", sorted(pe_templates.TASK_TEMPLATES))
+@pytest.mark.parametrize("task", sorted(templates.TASK_TEMPLATES))
 def test_json_mode_exactly_for_reference_tasks(task: str) -> None:
     _, json_mode = build_messages(task, "prompt")
     assert json_mode == (task in JSON_TASKS)
@@ -477,7 +477,7 @@ def test_sidecar_is_json_ready() -> None:
         "model": "m",
         "attempts": 1,
         "error": None,
-        "template_version": pe_templates.TEMPLATE_VERSION,
+        "template_version": templates.TEMPLATE_VERSION,
     }
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from bernini.pe_templates import MediaPolicy
+from bernini.prompt_enhancer.templates import MediaPolicy
 
 FRAMES_PER_VIDEO = 3
 
