@@ -1,7 +1,6 @@
 """Rewrite user prompts through an OpenAI-compatible chat-completions endpoint (--use_pe)."""
 
 from bernini.prompt_enhancer.attachments import FRAMES_PER_VIDEO
-from bernini.prompt_enhancer.attachments import _upright as _upright  # tested directly
 from bernini.prompt_enhancer.cache import cache_key
 from bernini.prompt_enhancer.enhancer import (
     MAX_COMPLETION_TOKENS,
