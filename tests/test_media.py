@@ -25,6 +25,7 @@ from bernini.media import (
     resize_dims,
     sample_frame_indices,
     sample_preview_frames,
+    snap_to_16,
     verify_media,
     write_media,
 )
@@ -77,6 +78,11 @@ def test_resize_dims(width: int, height: int, max_size: int, expected: tuple[int
 def test_resize_dims_rejects_nonpositive() -> None:
     with pytest.raises(ValueError):
         resize_dims(0, 10, 848)
+
+
+def test_snap_to_16_the_text_only_size_rule() -> None:
+    # --width/--height of a task without media (scale 1): nearest multiple of 16, half to even, at least 16.
+    assert [snap_to_16(side) for side in (360, 1000, 1016, 8, 24, 848)] == [352, 992, 1024, 16, 32, 848]
 
 
 # --- frame sampling --------------------------------------------------------------------------
