@@ -16,7 +16,6 @@ from bernini.weights.keys import (
     strip_prefix,
 )
 from bernini.weights.load import (
-    DEFAULT_KEEP_FP32,
     LoadReport,
     Slot,
     Source,
@@ -67,7 +66,7 @@ from bernini.weights.locate import (
 
 __all__ = [
     "PICKLE_ADVICE", "CheckpointError", "check_expert", "expected_tensors", "expert_key_sources", "looks_like_pickled", "preflight", "read_config",
-    "DEFAULT_KEEP_FP32", "EMA_PREFIX", "EXPERT_PREFIXES", "EXPERT_SUBFOLDERS", "INDEX_NAMES", "MAX_EXAMPLES",
+    "EMA_PREFIX", "EXPERT_PREFIXES", "EXPERT_SUBFOLDERS", "INDEX_NAMES", "MAX_EXAMPLES",
     "NAMESPACE_PREFIXES", "PICKLE_SUFFIXES", "REPO_ID_PATTERN", "LoadReport", "Slot", "Source", "TensorRef",
     "WeightsError", "as_source_list", "assign_tensors", "cast_tensor", "check_shapes", "check_unsaved_buffers",
     "checkpoint_identity", "collect_slots", "describe_sources", "empty_directory_message", "expert_folder",
