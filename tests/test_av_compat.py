@@ -14,8 +14,7 @@ from media_files import encode_video, gray_frames
 from PIL import Image
 
 from bernini.doctor import check_codecs
-from bernini.media import load_video, probe_video, read_video_frames_rgb, sample_frame_indices, sample_preview_frames, verify_media, write_media
-from bernini.media.container import open_input
+from bernini.media import load_video, open_input, probe_video, read_video_frames_rgb, sample_frame_indices, sample_preview_frames, verify_media, write_media
 from bernini.prompt_enhancer import build_messages
 
 REAL_OPEN = av.open

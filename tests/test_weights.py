@@ -14,7 +14,7 @@ from diffusers import WanTransformer3DModel
 from safetensors.torch import load_file, save_file
 
 from bernini import weights
-from bernini.models.transformer import WanTransformer
+from bernini.models import WanTransformer
 from bernini.testing import TINY_TRANSFORMER_CONFIG, TinyCheckpoints, tiny_checkpoints
 from bernini.weights import (
     WeightsError,

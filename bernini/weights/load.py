@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from bernini.models.transformer import WanTransformer
+from bernini.models import WanTransformer
 from bernini.weights.errors import MAX_EXAMPLES, WeightsError
 from bernini.weights.locate import TensorRef
 
