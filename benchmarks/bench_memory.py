@@ -31,7 +31,7 @@ from benchmarks.common import A14B, device_name, random_expert, rel_error, write
 from bernini import attention, fp8, memory, offload
 from bernini.conditioning import Conditions
 from bernini.config import GenerationSettings, RuntimeConfig
-from bernini.models.transformer import WanTransformer, compile_blocks
+from bernini.models import WanTransformer, compile_blocks
 from bernini.offload import ExpertStore, GiB, MemoryPlan
 from bernini.pipeline import Renderer, cap_gpu_memory
 from bernini.plan import CasePlan

@@ -21,9 +21,7 @@ from bernini.cases import Case
 from bernini.conditioning import Conditions, Source, SourceIdRule
 from bernini.config import DEFAULT_CONFIG_DIR, GenerationSettings, RendererConfig, RuntimeConfig
 from bernini.guidance import get_mode
-from bernini.models.text_encoder import TextEncoder, positive_text
-from bernini.models.transformer import LocalSequence, TransformerConfig, WanTransformer, compile_blocks, patchify, unpatchify
-from bernini.models.vae import VAE
+from bernini.models import VAE, LocalSequence, TextEncoder, TransformerConfig, WanTransformer, compile_blocks, patchify, positive_text, unpatchify
 from bernini.offload import ExpertStore, MemoryPlan
 from bernini.plan import PATCH, CasePlan, effective_settings, plan_case
 from bernini.sampling import Denoiser, LocalCombos, SamplingPlan, StepEvent, initial_noise, sampling_plan

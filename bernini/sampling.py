@@ -17,7 +17,7 @@ from bernini import attention
 from bernini.conditioning import Conditions, Layout, SourceIdRule, build_layout, layout_key, visual_sources
 from bernini.config import GenerationSettings
 from bernini.guidance import APGSettings, Combo, GuidanceMode, GuidanceScales, active_combos, combine, new_state
-from bernini.models.transformer import TextKV, WanTransformer
+from bernini.models import TextKV, WanTransformer
 
 log = logging.getLogger(__name__)
 

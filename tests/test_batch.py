@@ -21,7 +21,7 @@ from PIL import Image
 from bernini import driver, media, runner
 from bernini import main as entry
 from bernini.cases import load_case_file
-from bernini.models.transformer import WanTransformer
+from bernini.models import WanTransformer
 from bernini.pipeline import Renderer
 
 REPO = Path(__file__).resolve().parent.parent

@@ -25,6 +25,7 @@ from bernini.config import RuntimeConfig  # noqa: E402
 from bernini.driver import Session  # noqa: E402
 from bernini.engine import Engine  # noqa: E402
 from bernini.media import verify_media  # noqa: E402
+from bernini.parallel import LocalPeers  # noqa: E402
 from bernini.pipeline import Renderer, resolve_sources  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +44,7 @@ def loaded(config: str) -> tuple[Any, Renderer]:
 def make_service(config: str, loaded: tuple[Any, Renderer], save_dir: Path, *flags: str) -> demo.DemoService:
     sources, renderer = loaded
     args = demo.parse_args(["--config", config, "--save_dir", str(save_dir), *TINY, *flags])
-    runner = demo.JobRunner(Session(Engine(renderer, sources)), demo.LocalPeers())
+    runner = demo.JobRunner(Session(Engine(renderer, sources)), LocalPeers())
     return demo.DemoService(runner, demo.base_settings(args), save_dir)
 
 

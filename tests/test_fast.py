@@ -25,7 +25,7 @@ from bernini import attention, fp8
 from bernini.cases import Case, load_case_file
 from bernini.cli import build_parser, runtime_from
 from bernini.config import FAST_PRESET, GenerationSettings, RuntimeConfig
-from bernini.models.rope import rope_tables
+from bernini.models import rope_tables
 from bernini.models.transformer import Block, LocalSequence, TransformerConfig, WanTransformer, fuse_projections, patchify, unpatchify
 from bernini.pipeline import Renderer
 

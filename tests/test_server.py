@@ -35,16 +35,20 @@ from bernini.driver import Session  # noqa: E402
 from bernini.engine import Engine  # noqa: E402
 from bernini.media import verify_media  # noqa: E402
 from bernini.pipeline import Renderer, resolve_sources  # noqa: E402
-from bernini.runner import (
-    model_identity,  # noqa: E402
+from bernini.runner import model_identity  # noqa: E402
+from bernini.server import (  # noqa: E402
+    JobRenderer,
+    JobService,
+    JobStore,
+    Redactor,
+    Rendered,
+    RenderJob,
+    ServerFolders,
+    Worker,
+    auth,
+    create_app,
+    launch,
 )
-from bernini.server import auth, launch  # noqa: E402
-from bernini.server.app import create_app  # noqa: E402
-from bernini.server.folders import Redactor, ServerFolders  # noqa: E402
-from bernini.server.jobs import JobService  # noqa: E402
-from bernini.server.render import JobRenderer, Rendered, RenderJob  # noqa: E402
-from bernini.server.store import JobStore  # noqa: E402
-from bernini.server.worker import Worker  # noqa: E402
 
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"openai\..*")  # the SDK marks client.videos deprecated
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

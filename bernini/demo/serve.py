@@ -19,11 +19,20 @@ from bernini.config import GenerationSettings, RuntimeConfig
 from bernini.demo.page import build_app
 from bernini.demo.service import DemoService, JobRunner
 from bernini.driver import Session
-from bernini.parallel.groups import LaunchEnv, Topology, build_topology, destroy_distributed, init_distributed
-from bernini.parallel.peers import DistPeers, LocalPeers
+from bernini.parallel import (
+    DistPeers,
+    DistWorld,
+    LaunchEnv,
+    LocalPeers,
+    Topology,
+    build_topology,
+    destroy_distributed,
+    device_for,
+    expert_heads,
+    init_distributed,
+)
 from bernini.parallel.runner import build_parser as multi_gpu_parser
 from bernini.parallel.runner import launch_env
-from bernini.parallel.world import DistWorld, device_for, expert_heads
 from bernini.runner import model_identity
 from bernini.world import LoadFailure
 

@@ -13,7 +13,7 @@ from bernini.cases import Case, CaseError, check_task_inputs, parse_case
 from bernini.config import GenerationSettings
 from bernini.driver import Session
 from bernini.lora import LoraRef, resolve
-from bernini.parallel.peers import LocalPeers, Peers
+from bernini.parallel import LocalPeers, Peers
 from bernini.plan import CasePlan, plan_case
 from bernini.presets import get_preset
 from bernini.runner import CaseRecord, sidecar_path

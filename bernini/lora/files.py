@@ -9,8 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bernini.weights.errors import WeightsError, first_line
-from bernini.weights.locate import PICKLE_SUFFIXES, hub_cache_dir, hub_offline, looks_like_repo_id
+from bernini.weights import PICKLE_SUFFIXES, WeightsError, first_line, hub_cache_dir, hub_offline, looks_like_repo_id
 
 log = logging.getLogger("bernini.lora")
 

@@ -76,7 +76,7 @@ def expected_tensors(config: Mapping[str, Any], path: Path) -> Expected:
     """Every state-dict key of the expert `config` describes, with its shape and dtype (built on the meta device)."""
     import torch  # lazily, with the model: `import bernini.weights` stays light
 
-    from bernini.models.transformer import TransformerConfig, WanTransformer
+    from bernini.models import TransformerConfig, WanTransformer
 
     try:
         cfg = TransformerConfig.from_dict(dict(config))
