@@ -17,7 +17,7 @@ import pytest
 
 gr = pytest.importorskip("gradio", reason="the demo needs gradio (requirements.txt)")
 
-from launch import end_group, free_port  # noqa: E402
+from processes import end_group, free_port  # noqa: E402
 
 from bernini import demo  # noqa: E402
 from bernini.cases import CaseError  # noqa: E402

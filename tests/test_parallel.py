@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import free_port
+from processes import free_port
 
 from bernini.guidance import I_C, I_U, NONE_C, NONE_U, V_U, VI_C, VI_U
 from bernini.parallel import CfgCombos, LaunchEnv, Topology, assign_cases, assign_combos, balance, build_topology

@@ -27,7 +27,7 @@ openai = pytest.importorskip("openai", reason="the tests drive the server with t
 pytest.importorskip("openai.resources.videos", reason="the tests need an openai SDK with client.videos")
 
 from fastapi.testclient import TestClient  # noqa: E402
-from launch import end_group, free_port  # noqa: E402
+from processes import end_group, free_port  # noqa: E402
 
 from bernini.cases import load_case_file  # noqa: E402
 from bernini.config import GenerationSettings, RuntimeConfig  # noqa: E402
