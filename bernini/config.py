@@ -29,7 +29,7 @@ SEED_RANGE = (-(2**63), 2**64 - 1)
 NORM_THRESHOLD_VALUES = 3  # the official default gives three; the APG modes read at most two
 
 # The choices of the string options. Each Literal is its field's type, so the field declares its choices once:
-# argparse (bernini/cli.py), the checks below and their messages all read them from there (CHOICES).
+# argparse (bernini/cli.py) reads them from the type, the checks and their messages from RUNTIME_CHOICES.
 Dtype = Literal["bfloat16", "float16", "float32"]
 Attention = Literal["auto", "fa3", "fa4", "fa2", "sdpa"]
 Offload = Literal["auto", "none", "expert", "block"]
@@ -213,7 +213,7 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         _require("device", self.device, isinstance(self.device, str) and _DEVICE.match(self.device) is not None,
                  "must be cuda, cuda:N (N = the GPU index) or cpu")
-        for name, choices in CHOICES.items():
+        for name, choices in RUNTIME_CHOICES.items():
             value = getattr(self, name)
             _require(name, value, value in choices, f"must be one of {', '.join(choices)}")
         if self.max_gpu_memory is not None:
@@ -227,11 +227,6 @@ class RuntimeConfig:
     def lossy(self) -> bool:
         """Whether any opt-in reduced-precision option is on (the exact path is the default)."""
         return self.weights != "bf16" or self.fp8_gemm != "off" or self.fp8_attention != "off"
-
-
-def choices_of(cls: type) -> dict[str, tuple[str, ...]]:
-    """The choices of each Literal-typed field of a settings dataclass."""
-    return {f.name: get_args(f.type) for f in dataclasses.fields(cls) if get_origin(f.type) is Literal}
 
 
 def value_type(cls: type, name: str) -> Any:
@@ -248,7 +243,7 @@ def flags_of(cls: type) -> list[tuple[dataclasses.Field, Flag]]:
     return [(f, f.metadata["flag"]) for f in dataclasses.fields(cls) if "flag" in f.metadata]
 
 
-CHOICES = choices_of(RuntimeConfig)
+RUNTIME_CHOICES: dict[str, tuple[str, ...]] = {f.name: get_args(f.type) for f in dataclasses.fields(RuntimeConfig) if get_origin(f.type) is Literal}
 # What --fast turns on: each option in its 'auto' form, which falls back to the exact path where the card or the
 # installed packages lack it. Named flags override the preset; docs/performance.md has what each option measured.
 FAST_PRESET: dict[str, str] = {"fp8_gemm": "auto", "fp8_attention": "auto"}
