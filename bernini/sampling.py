@@ -45,8 +45,6 @@ class NonFiniteError(RuntimeError):
     """The latent stopped being finite; nothing is decoded or written."""
 
 
-SOLVERS: tuple[str, ...] = ("unipc", "euler")
-
 # Wan2.2's scheduler_config.json: what the dry run plans steps with before any checkpoint is read.
 DEFAULT_SCHEDULER_CONFIG: dict[str, Any] = {
     "prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 3.0, "solver_order": 2,

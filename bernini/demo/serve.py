@@ -55,7 +55,7 @@ def build_parser(prog: str = "gradio_demo.py") -> argparse.ArgumentParser:
     parser.description = "Serve Bernini-R in the browser (README.md, 'Gradio demo'). Binds 127.0.0.1 unless told otherwise."
     hide_flags(parser, BATCH_ONLY)
     d = parser.add_argument_group("demo")
-    d.add_argument("--port", type=int, default=7860)
+    d.add_argument("--port", type=int, default=7860, help="TCP port of the page")
     d.add_argument("--listen", action="store_true", help=f"serve on {PUBLIC_HOST} (every interface), not {LOCALHOST}; needs --auth or --auth_file")
     d.add_argument("--share", action="store_true", help="also open a public gradio.live link; needs --auth or --auth_file")
     d.add_argument("--auth", metavar="USER:PASS", help="login for the page (required with --listen or --share)")
