@@ -59,7 +59,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
     try:
-        wait_until_served(url, proc, log, 90)
+        wait_until_served(url, proc, log, 240)  # an upper bound only: a loaded CI machine needs more than a quiet one
         yield url, save_dir, log
     finally:
         end_group(proc, 20)

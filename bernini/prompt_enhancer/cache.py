@@ -19,11 +19,8 @@ logger = logging.getLogger(__package__)  # "bernini.prompt_enhancer" in every mo
 
 
 def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def cache_key(task_type: str, model: str, prompt: str, media_files: Sequence[Path]) -> str:
