@@ -98,6 +98,7 @@ def build_parser(prog: str, multi_gpu: bool = False) -> argparse.ArgumentParser:
     r.add_argument("--weights", default="bf16", choices=("bf16", "fp8"), help="fp8: block Linear weights as float8_e4m3fn + per-channel scales (lossy, about half the memory)")
     r.add_argument("--max_gpu_memory", type=float, metavar="GiB", help="plan for (and cap the allocator at) this much GPU memory")
     r.add_argument("--vae_tiling", action=argparse.BooleanOptionalAction, default=None, help="tiled VAE encode/decode (default: when memory is short)")
+    r.add_argument("--host_memory", type=float, metavar="GiB", help="plan for a machine with this much RAM (default: what is free now)")
     f = p.add_argument_group("fast mode (bernini; lossy, each option off unless named)")
     f.add_argument("--fast", action="store_true", help="the preset of the fast options that measured best: --fp8_gemm auto --fp8_attention auto (named flags override it)")
     f.add_argument("--fp8_gemm", nargs="?", const="auto", choices=FP8_GEMM_CHOICES, help="block Linear layers in FP8 (per-token activation and per-channel weight scales); alone: auto")
@@ -213,6 +214,7 @@ def runtime_from(args: argparse.Namespace) -> RuntimeConfig:
         fp8_gemm=args.fp8_gemm or preset.get("fp8_gemm", "off"),
         fp8_attention=args.fp8_attention or preset.get("fp8_attention", "off"),
         loras=loras_from(args),
+        host_memory=args.host_memory,
     )
 
 

@@ -178,6 +178,7 @@ class RuntimeConfig:
     fp8_gemm: str = "off"  # off | auto | scaled_mm | torchao: block Linears computed in FP8 (lossy, opt-in)
     fp8_attention: str = "off"  # off | auto | cudnn_fp8 | sage: 8-bit self-attention (lossy, opt-in)
     loras: tuple[LoraRef, ...] = ()  # merged into the experts' weights at load (bernini/lora), recorded in sidecars
+    host_memory: float | None = None  # GiB of RAM the machine has, for the memory plan (None: what is free)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -188,6 +189,8 @@ class RuntimeConfig:
             _require(name, value, value in choices, f"must be one of {', '.join(choices)}")
         if self.max_gpu_memory is not None:
             _require("max_gpu_memory", self.max_gpu_memory, _is_number(self.max_gpu_memory) and self.max_gpu_memory > 0, "must be a finite number of GiB > 0")
+        if self.host_memory is not None:
+            _require("host_memory", self.host_memory, _is_number(self.host_memory) and self.host_memory > 0, "must be a finite number of GiB > 0")
         _require("host_ranks", self.host_ranks, _is_int(self.host_ranks) and self.host_ranks >= 1, "must be an integer >= 1")
         if self.fp8_gemm == "torchao" and self.weights == "fp8":
             raise ValueError("--fp8_gemm torchao quantizes bf16 weights, but --weights fp8 already stores them in FP8 "

@@ -82,6 +82,12 @@ class FP8Linear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(weight, scale, bias, use_scaled_mm)
 
+    @classmethod
+    def concat(cls, parts: tuple[FP8Linear, ...]) -> FP8Linear:
+        """One layer whose output rows are the parts' in order: exact, as scales are per row (the fused QKV of FP8 files)."""
+        bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
+        return cls(torch.cat([p.weight for p in parts]), torch.cat([p.weight_scale for p in parts]), bias, parts[0].use_scaled_mm)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_scaled_mm and x.dtype == torch.bfloat16 and x.is_cuda:
             return _scaled_mm_linear(x, self.weight, self.weight_scale, self.bias)
