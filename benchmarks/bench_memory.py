@@ -43,9 +43,9 @@ from bernini import attention, convert, fp8, offload, weights
 from bernini.cases import Case
 from bernini.conditioning import Conditions
 from bernini.config import GenerationSettings, RuntimeConfig
-from bernini.models.transformer import WanTransformer, compile_blocks
+from bernini.models.transformer import WanTransformer, compile_blocks, fuse_projections
 from bernini.offload import ExpertStore, GiB, MemoryPlan, sizes
-from bernini.pipeline import Renderer, cap_gpu_memory
+from bernini.pipeline import Renderer, block_finisher, cap_gpu_memory
 from bernini.plan import CasePlan, MediaPlan, latent_grid
 from bernini.sampling import StepEvent
 
@@ -159,21 +159,20 @@ def lazy_expert(folder: Path, weights_format: str, device: torch.device) -> WanT
     keys = {k: (f, k) for k, f in weights.find_safetensors(folder).items()}
     if weights_format == "fp8":
         convert.fp8_shells(model, "fp8", device)
+    fuse_projections(model)  # the empty blocks: the files' to_q, to_k and to_v rows are read into to_qkv
     offload.load_lazily(model, [keys], device=device, dtype=torch.bfloat16, keep_fp32=WanTransformer.keep_fp32)
     return model.eval().requires_grad_(False)
 
 
-def memory_experts(offload_mode: str, weights_format: str, device: torch.device) -> dict[str, WanTransformer]:
-    """Random experts in the plan's storage, built in memory: each is converted and packed before the next one is made."""
-    use_scaled_mm = weights_format == "fp8" and fp8.scaled_mm_supported(device)
+def memory_experts(plan: MemoryPlan, device: torch.device) -> dict[str, WanTransformer]:
+    """Random experts in the plan's storage, built in memory: each block finished as Renderer.load does (fused QKV,
+    FP8, a pinned host copy) before the next expert is made."""
     experts = {}
     for name in ("high", "low"):
         model = random_expert(seed=SEED)
+        finish = block_finisher(model, plan, device)
         for block in model.blocks:
-            if weights_format == "fp8":
-                fp8.quantize_linears(block, use_scaled_mm)
-            if offload_mode != "none":
-                offload.host_copy(block, pin=True)
+            finish(block)
         experts[name] = model
     return experts
 
@@ -203,12 +202,11 @@ def install(renderer: Renderer, name: str, load: sizes.Workload, args: argparse.
     print(f"{name}: {plan.describe()}", flush=True)
     offload.require_fit(plan)
     clock = time.perf_counter()
-    lazy = plan.offload == "block" and plan.host != "pinned"
-    if lazy:
+    if plan.reads_blocks:
         assert files is not None
         experts = {e: lazy_expert(files.folder(spec.weights), spec.weights, device) for e in ("high", "low")}
     else:
-        experts = memory_experts(plan.offload, spec.weights, device)
+        experts = memory_experts(plan, device)
     for model in experts.values():
         model.chunk_tokens = plan.chunk_tokens
         if args.compile:
@@ -393,6 +391,7 @@ def main() -> None:
                 settings = GenerationSettings(num_inference_steps=steps[mode], height=args.height, width=args.width, num_frames=args.frames)
                 row = measure(renderer, name, mode, cases[mode], settings, plan)
                 rows.append(row)
+                snapshot(args, rows, files)  # what is measured so far survives a time limit
                 print(f"{mode} {name}: {row['s_per_step']:.2f} s/step (steps {row['step_s']}), GPU peak {row['peak_gib']:.2f} GiB (expected "
                       f"{row['expected_peak_gib']:.2f}), host peak {row['host_peak_gib']:.1f} GiB (expected {row['expected_host_gib']:.1f}), "
                       f"read {row['read_gib']:.1f} GiB from disk", flush=True)
@@ -401,11 +400,17 @@ def main() -> None:
         if args.files is None:
             shutil.rmtree(root, ignore_errors=True)
     compare(rows)
+    snapshot(args, rows, files)
+    print_table(rows, files)
+
+
+def snapshot(args: argparse.Namespace, rows: list[dict[str, Any]], files: Files | None) -> None:
+    """The rows so far (latents left out) to --json, else $OUT/bench_memory.json when $OUT is set."""
     out = os.environ.get("OUT")
     write_json(args.json or (str(Path(out) / "bench_memory.json") if out else None),
-               {"device": device_name(), "attention": attention.current_backend(), "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
+               {"device": device_name(), "attention": attention.current_backend(), "args": {k: str(v) for k, v in vars(args).items()},
+                "rows": [{k: v for k, v in r.items() if k != "latent"} for r in rows],
                 "conversion": None if files is None else {"fp8_seconds": files.convert_s, "fp8_gb": files.convert_gb, "bf16_write_seconds": files.write_bf16_s}})
-    print_table(rows, files)
 
 
 if __name__ == "__main__":

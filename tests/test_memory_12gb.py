@@ -100,9 +100,12 @@ def tiny_model(dtype: torch.dtype, seed: int = 0) -> WanTransformer:
     return model.to(dtype).eval()
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize(("dtype", "batch", "length"), [(torch.float32, 1, 300), (torch.float32, 2, 257), (torch.bfloat16, 2, 257)])
-def test_a_chunked_forward_equals_the_whole_one(dtype: torch.dtype, batch: int, length: int) -> None:
+def test_a_chunked_forward_equals_the_whole_one(dtype: torch.dtype, batch: int, length: int, fused: bool) -> None:
     model = tiny_model(dtype)
+    if fused:  # as the renderer runs it (self-attention's QKV in one GEMM)
+        fuse_projections(model)
     cfg = model.cfg
     source = torch.randn(1, length, cfg.dim, dtype=dtype)
     tokens, before = source.expand(batch, -1, -1), source.clone()
@@ -339,6 +342,20 @@ def test_bf16_on_that_machine_reads_blocks_from_disk(mode: str) -> None:
     assert chosen.fits and (chosen.offload, chosen.host) == ("block", "disk")
     assert chosen.peak_bytes <= GPU_TARGET and chosen.host_bytes <= HOST_TARGET
     assert chosen.cost > plan_12gb(mode).cost and any("--weights fp8" in tip for tip in chosen.faster)
+
+
+def test_weights_changed_at_load_keep_every_block_in_host_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LoRAs merged and --fp8_gemm conversions change what runs, so no block can be read back from the files as stored."""
+    assert plan_12gb("t2v_apg", weights="bf16", stored="bf16").reads_blocks
+    changed = plan_12gb("t2v_apg", weights="bf16", stored="bf16", transforms=True)
+    assert changed.host == "pinned" and not changed.reads_blocks and changed.fits is False  # both bf16 experts pinned: 57 GB
+    with pytest.raises(ValueError, match="LoRAs merge into bf16 weights"):
+        plan_12gb("t2v_apg", transforms=True)  # FP8 files written by `bernini convert`
+    seen: list[object] = []
+    monkeypatch.setattr(offload.plan, "plan_memory", lambda *a, **k: seen.append(k["transforms"]))
+    for runtime in (RuntimeConfig(device="cuda"), RuntimeConfig(device="cuda", fp8_gemm="scaled_mm"), RuntimeConfig(device="cuda", weights="fp8", fp8_gemm="scaled_mm")):
+        offload.plan_for_run(Path(tiny_checkpoints().diffusers), 2, runtime, torch.device("cuda"), stored="bf16")
+    assert seen == [False, True, False]  # FP8 weights leave no Linear for --fp8_gemm to convert
 
 
 def test_fp8_without_conversion_does_not_fit_that_host_and_says_to_convert() -> None:
