@@ -27,7 +27,10 @@ VAE_CHUNK_FRAMES = 4  # the Wan VAE decodes one latent frame (4 pixel frames) at
 VAE_WORK_FACTOR = 15  # float32 96-channel feature maps live per pixel of a VAE chunk (9.2 GiB untiled at 480p, 81 frames)
 VAE_TILED_FACTOR = 10  # the same for one 256 x 256 tile (tiles overlap and their outputs are kept for blending)
 VAE_CLIP_COPIES = 3  # the decoded clip in float32 and the two copies that scale it to [0, 1]
-WHOLE_FACTOR = 14.5  # [rows, dim] tensors live at an unchunked block's peak (float32 norm/RoPE chains, q/k/v, attention)
+# [rows, dim] tensors live at an unchunked block's peak (float32 norm/RoPE chains, q/k/v, attention): 14.5 measured with
+# separate q/k/v projections (counted 12 on meta tensors), plus the 2 the fused QKV adds to the count (its [rows, 3 * dim]
+# output stays alive beside the normed q and k): re-measure with benchmarks/bench_memory.py.
+WHOLE_FACTOR = 16.5
 CHUNKED_FACTOR = 3  # a chunked forward: its input, updated in place, and a block's whole keys and values
 # [run, dim] tensors live at a run's peak: its float32 RoPE and modulation chains (10), attention's layouts (2), the fused
 # QKV GEMM's [run, 3 * dim] output (3; counted 15.01 with allocator rounding, hence the half).
