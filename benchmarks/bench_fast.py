@@ -42,8 +42,7 @@ from benchmarks.common import A14B, device_name, forward_flops, random_expert, t
 from bernini import attention, fp8
 from bernini.conditioning import Conditions
 from bernini.config import FAST_PRESET, GenerationSettings, RuntimeConfig
-from bernini.models.rope import rope_tables
-from bernini.models.transformer import WanTransformer, compile_blocks, fuse_projections, patchify
+from bernini.models import WanTransformer, compile_blocks, fuse_projections, patchify, rope_tables
 
 
 @dataclasses.dataclass(frozen=True)

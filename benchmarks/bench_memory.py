@@ -43,7 +43,7 @@ from bernini import attention, convert, fp8, offload, weights
 from bernini.cases import Case
 from bernini.conditioning import Conditions
 from bernini.config import GenerationSettings, RuntimeConfig
-from bernini.models.transformer import WanTransformer, compile_blocks, fuse_projections
+from bernini.models import WanTransformer, compile_blocks, fuse_projections
 from bernini.offload import ExpertStore, GiB, MemoryPlan, sizes
 from bernini.pipeline import Renderer, block_finisher, cap_gpu_memory
 from bernini.plan import CasePlan, MediaPlan, latent_grid
@@ -160,7 +160,7 @@ def lazy_expert(folder: Path, weights_format: str, device: torch.device) -> WanT
     if weights_format == "fp8":
         convert.fp8_shells(model, "fp8", device)
     fuse_projections(model)  # the empty blocks: the files' to_q, to_k and to_v rows are read into to_qkv
-    offload.load_lazily(model, [keys], device=device, dtype=torch.bfloat16, keep_fp32=WanTransformer.keep_fp32)
+    offload.load_lazily(model, [keys], device=device, dtype=torch.bfloat16, keep_fp32=WanTransformer.keep_fp32 + fp8.KEEP_FP32)
     return model.eval().requires_grad_(False)
 
 

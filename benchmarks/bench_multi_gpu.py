@@ -19,10 +19,8 @@ import torch.distributed as dist
 from benchmarks.bench_transformer import LAYOUTS
 from benchmarks.common import A14B, device_name, random_expert, rel_error, time_cuda, write_json
 from bernini import attention
-from bernini.models.rope import rope_tables
-from bernini.models.transformer import LocalSequence, patchify
-from bernini.parallel.groups import all_gather_into
-from bernini.parallel.ulysses import UlyssesSequence
+from bernini.models import LocalSequence, patchify, rope_tables
+from bernini.parallel import UlyssesSequence, all_gather_into
 
 
 def main() -> None:

@@ -21,9 +21,7 @@ from bernini import attention
 from bernini.cases import Case
 from bernini.conditioning import Conditions
 from bernini.config import GenerationSettings, RendererConfig, RuntimeConfig
-from bernini.models.text_encoder import TextEncoder
-from bernini.models.transformer import compile_blocks
-from bernini.models.vae import VAE
+from bernini.models import VAE, TextEncoder, compile_blocks
 from bernini.pipeline import ModelSources, Renderer
 from bernini.plan import CasePlan, MediaPlan, latent_grid
 

@@ -36,13 +36,7 @@ from bernini.config import GenerationSettings, RuntimeConfig
 from bernini.driver import Session
 from bernini.engine import Engine
 from bernini.plan import plan_case
-from bernini.server.app import create_app
-from bernini.server.auth import Access, Limits
-from bernini.server.folders import Redactor, ServerFolders
-from bernini.server.jobs import JobService
-from bernini.server.render import JobRenderer
-from bernini.server.store import JobStore
-from bernini.server.worker import Worker
+from bernini.server import Access, JobRenderer, JobService, JobStore, Limits, Redactor, ServerFolders, Worker, create_app
 
 PROMPT = "a boat on a river at dawn"
 IDENTITY = {"config": "random full-size weights"}

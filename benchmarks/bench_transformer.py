@@ -29,7 +29,7 @@ import torch
 
 from benchmarks.common import A14B, device_name, forward_flops, random_expert, rel_error, time_cuda, write_json
 from bernini import attention
-from bernini.models.rope import rope_tables
+from bernini.models import rope_tables
 from bernini.models.transformer import FeedForward, WanTransformer, compile_blocks, patchify, unpatchify
 
 # tokens -> (condition grids, target grid): the layouts the renderer really runs

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from bernini.models.transformer import TransformerConfig, WanTransformer
+from bernini.models import TransformerConfig, WanTransformer
 
 A14B = TransformerConfig()  # the Wan2.2-T2V-A14B expert: 40 layers, dim 5120, 40 heads, FFN 13824
 

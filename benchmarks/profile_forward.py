@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from benchmarks.bench_transformer import LAYOUTS
 from benchmarks.common import A14B, device_name, forward_flops, random_expert, time_cuda, write_json
 from bernini import attention
-from bernini.models.rope import rope_tables
-from bernini.models.transformer import compile_blocks, patchify
+from bernini.models import compile_blocks, patchify, rope_tables
 
 KINDS = (  # kernel name -> kind, first match wins (inductor names its kernels after the ops they feed, attention included)
     ("fused elementwise (triton)", re.compile(r"triton", re.I)),

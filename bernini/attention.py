@@ -194,25 +194,23 @@ def current_fp8_backend() -> str | None:
     return _state["fp8_name"]  # type: ignore[return-value]
 
 
-@torch.library.custom_op("bernini::flash_attention", mutates_args=())
-def _kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    # An opaque op: torch.compile keeps the block in one graph around a kernel it cannot trace.
-    return _state["fn"](q, k, v).contiguous()  # type: ignore[operator]
+def _opaque_op(name: str, kernel_key: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The kernel under ``_state[kernel_key]`` as an opaque op: torch.compile keeps the block in one graph
+    around a kernel it cannot trace (the exact and the FP8 backend each get one)."""
+
+    @torch.library.custom_op(f"bernini::{name}", mutates_args=())
+    def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return _state[kernel_key](q, k, v).contiguous()  # type: ignore[operator]
+
+    @op.register_fake
+    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+    return op
 
 
-@_kernel.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return q.new_empty(*q.shape[:-1], v.shape[-1])
-
-
-@torch.library.custom_op("bernini::fp8_attention", mutates_args=())
-def _fp8_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return _state["fp8_fn"](q, k, v).contiguous()  # type: ignore[operator]
-
-
-@_fp8_kernel.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return q.new_empty(*q.shape[:-1], v.shape[-1])
+_kernel = _opaque_op("flash_attention", "fn")
+_fp8_kernel = _opaque_op("fp8_attention", "fp8_fn")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allow_fp8: bool = True) -> torch.Tensor:

@@ -3,116 +3,81 @@
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 from bernini.cases import BatchSpec, Case, CaseError, collect_cases
-from bernini.config import DEFAULT_CONFIG_DIR, FAST_PRESET, FP8_ATTENTION_CHOICES, FP8_GEMM_CHOICES, GenerationSettings, RuntimeConfig
+from bernini.config import DEFAULT_CONFIG_DIR, FAST_PRESET, SOLVERS, Flag, GenerationSettings, RuntimeConfig, flags_of, value_type
 from bernini.guidance import GUIDANCE_MODES, PLANNER_ONLY_MODES
 from bernini.plan import CasePlan
 from bernini.presets import PRESETS, get_preset
 from bernini.runner import BatchOptions, CaseRecord, LogProgress
-from bernini.sampling import SOLVERS, StepEvent
-from bernini.tasks import DEFAULT_NEG_PROMPT
+from bernini.sampling import StepEvent
 
 if TYPE_CHECKING:
     from bernini.lora import LoraRef
 
 log = logging.getLogger(__name__)
-_D = GenerationSettings()
+SETTINGS_CLASSES = (GenerationSettings, RuntimeConfig)  # their flagged fields are flags (config.flag)
 
 
 def build_parser(prog: str, multi_gpu: bool = False) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Render Bernini-R cases (see README.md).")
+    """The flags in --help order; those of GenerationSettings and RuntimeConfig come from their fields (add_fields)."""
+    p = argparse.ArgumentParser(prog=prog, description="Render Bernini-R cases (see README.md).", formatter_class=DefaultsFormatter)
     m = p.add_argument_group("model")
     m.add_argument("--config", default=DEFAULT_CONFIG_DIR, help="config folder, a Bernini-R-Diffusers folder, or a hub id")
     m.add_argument("--high_noise_ckpt", help="separate high-noise expert: folder, index.json or hub id")
     m.add_argument("--low_noise_ckpt", help="separate low-noise expert: folder, index.json or hub id")
-    m.add_argument("--use_unipc", action=argparse.BooleanOptionalAction, default=True)
-    m.add_argument("--use_src_tgt_id", action=argparse.BooleanOptionalAction, default=True)
-    m.add_argument("--interpolate_src_id", action=argparse.BooleanOptionalAction, default=True)
-    m.add_argument("--max_trained_src_id", type=int, default=_D.max_trained_src_id)
+    add_fields(m, "model")
 
     i = p.add_argument_group("inputs")
     i.add_argument("--case", nargs="+", help="case file(s), folder(s) of case files (recursive) or glob(s)")
     i.add_argument("--inputs", help="JSON list or .jsonl of case objects")
-    i.add_argument("--prompt")
-    i.add_argument("--task_type", help="default v2v (as upstream) when neither case nor flag sets it")
-    i.add_argument("--video", nargs="+")
-    i.add_argument("--image")
-    i.add_argument("--images", nargs="+")
+    i.add_argument("--prompt", help="the prompt of a case given by flags (or filling the case files')")
+    i.add_argument("--task_type", help="the task (t2v, i2v, v2v, ...); v2v (as upstream) when neither case nor flag sets it")
+    i.add_argument("--video", nargs="+", help="source video(s)")
+    i.add_argument("--image", help="source image")
+    i.add_argument("--images", nargs="+", help="reference images")
     i.add_argument("--output", help="output path for a single case (default outputs/<case name>.mp4|.png)")
     i.add_argument("--output_dir", default="outputs", help="folder for outputs of cases that name none")
 
-    g = p.add_argument_group("generation")
-    g.add_argument("--neg_prompt", default=DEFAULT_NEG_PROMPT)
-    g.add_argument("--system_prompt", default="", help="override the task's system prompt")
-    g.add_argument("--num_frames", type=int, default=_D.num_frames)
-    g.add_argument("--max_image_size", type=int, default=_D.max_image_size)
-    g.add_argument("--height", type=int, default=_D.height)
-    g.add_argument("--width", type=int, default=_D.width)
-    g.add_argument("--num_inference_steps", type=int, default=_D.num_inference_steps)
-    g.add_argument("--guidance_mode", choices=[*GUIDANCE_MODES, *PLANNER_ONLY_MODES], help="default: the case file's, else the task's")
-    g.add_argument("--omega_vid", "--omega_V", type=float, default=_D.omega_vid)
-    g.add_argument("--omega_img", "--omega_I", type=float, default=_D.omega_img)
-    g.add_argument("--omega_txt", "--omega_TI", type=float, default=_D.omega_txt)
-    g.add_argument("--omega_scale", type=float, default=_D.omega_scale)
-    g.add_argument("--flow_shift", type=float, default=_D.flow_shift)
-    g.add_argument("--seed", type=int, default=_D.seed)
-    g.add_argument("--fps", type=float, default=_D.fps)
-    g.add_argument("--eta", type=float, default=_D.eta)
-    g.add_argument("--norm_threshold", type=float, nargs="+", default=list(_D.norm_threshold))
-    g.add_argument("--momentum", type=float, default=_D.momentum)
+    add_fields(p.add_argument_group("generation"), "generation")
     f = p.add_argument_group("LoRAs and few-step schedules (bernini)")
     f.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="merge a LoRA into both experts (repeatable; a .safetensors file or a hub id repo[/file.safetensors])")
     f.add_argument("--lora_high", action="append", metavar="FILE[:SCALE]", help="merge a LoRA into the high-noise expert only (repeatable)")
     f.add_argument("--lora_low", action="append", metavar="FILE[:SCALE]", help="merge a LoRA into the low-noise expert only (repeatable)")
-    f.add_argument("--solver", choices=SOLVERS, help="unipc (default) or euler (the official --no-use_unipc scheduler)")
-    f.add_argument("--switch_step", type=int, help="run the high-noise expert for the first N steps (default: the boundary rule)")
-    for term in ("vid", "img", "txt"):
-        f.add_argument(f"--omega_{term}_low", type=float, help=f"the low-noise expert's ω {term} (default: --omega_{term} x --omega_scale)")
-    f.add_argument("--skip_zero_passes", action=argparse.BooleanOptionalAction, default=True, help="do not run guidance passes whose weight is zero (lossless)")
-    f.add_argument("--preset", action=PresetAction, choices=list(PRESETS), help="a published step-distillation recipe (README); explicit flags win")
+    f.add_argument("--solver", choices=SOLVERS, help="unipc or euler (the official --no-use_unipc scheduler) (default: as --use_unipc says: unipc)")
+    add_fields(f, "few-step")
     planner = p.add_argument_group("full-Bernini planner flags (accepted for script compatibility, unused by the renderer)")
     for flag, kind, default in (("--omega_tgt", float, 0.5), ("--planning_step", int, 25), ("--vit_txt_cfg", float, 1.2), ("--vit_img_cfg", float, 1.0), ("--vit_denoising_step", int, 5)):
         planner.add_argument(flag, type=kind, default=default, help=argparse.SUPPRESS)
 
     e = p.add_argument_group("prompt enhancer")
     e.add_argument("--use_pe", action="store_true", help="rewrite prompts through an OpenAI-compatible endpoint")
-    e.add_argument("--pe_model")
+    e.add_argument("--pe_model", help="the enhancer's chat model (default: BERNINI_PE_MODEL, else the enhancer's default)")
     e.add_argument("--pe_on_error", choices=("raw", "fail"), default="raw", help="on enhancer failure: use the raw prompt, or fail the case")
     e.add_argument("--pe_only", action="store_true", help="write enhanced case files and stop (no model loads)")
 
-    r = p.add_argument_group("runtime (bernini)")
-    r.add_argument("--device", default="cuda")
-    r.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    r.add_argument("--attention", default="auto", choices=("auto", "fa3", "fa4", "fa2", "sdpa"))
-    r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="regional torch.compile of the blocks (default: on for CUDA, off on the CPU)")
-    r.add_argument("--batch_combos", action=argparse.BooleanOptionalAction, default=True, help="run equal-length guidance passes as one batch")
-    r.add_argument("--offload", default="auto", choices=("auto", "none", "expert", "block"))
-    r.add_argument("--t5_cpu", action="store_true", help="encode text on the CPU (default: UMT5 waits in pinned host memory and visits the GPU to encode)")
-    r.add_argument("--weights", default="bf16", choices=("bf16", "fp8"), help="fp8: block Linear weights as float8_e4m3fn + per-channel scales (lossy, about half the memory)")
-    r.add_argument("--max_gpu_memory", type=float, metavar="GiB", help="plan for (and cap the allocator at) this much GPU memory")
-    r.add_argument("--vae_tiling", action=argparse.BooleanOptionalAction, default=None, help="tiled VAE encode/decode (default: when memory is short)")
-    r.add_argument("--host_memory", type=float, metavar="GiB", help="plan for a machine with this much RAM (default: what is free now)")
+    add_fields(p.add_argument_group("runtime (bernini)"), "runtime")
     f = p.add_argument_group("fast mode (bernini; lossy, each option off unless named)")
     f.add_argument("--fast", action="store_true", help="the preset of the fast options that measured best: --fp8_gemm auto --fp8_attention auto (named flags override it)")
-    f.add_argument("--fp8_gemm", nargs="?", const="auto", choices=FP8_GEMM_CHOICES, help="block Linear layers in FP8 (per-token activation and per-channel weight scales); alone: auto")
-    f.add_argument("--fp8_attention", nargs="?", const="auto", choices=FP8_ATTENTION_CHOICES, help="8-bit self-attention (cuDNN FP8 SDPA or SageAttention); alone: auto")
+    add_fields(f, "fast")
 
     b = p.add_argument_group("batch (bernini)")
     b.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true", help="validate and print the plan; load no model")
-    b.add_argument("--fail-fast", "--fail_fast", dest="fail_fast", action="store_true")
+    b.add_argument("--fail-fast", "--fail_fast", dest="fail_fast", action="store_true", help="stop the batch at the first failed case")
     b.add_argument("--skip-existing", "--skip_existing", dest="skip_existing", action="store_true", help="resume: skip cases whose output is complete")
     b.add_argument("--summary", type=Path, help="where to write summary.json (default: the common folder of the outputs)")
     b.add_argument("--overwrite", action="store_true", help="replace existing files at output paths that bernini did not write (refused by default)")
     b.add_argument("--confine_outputs", "--confine-outputs", dest="confine_outputs", action="store_true", help="refuse any case output outside --output_dir (for case files from others)")
-    b.add_argument("--log-format", "--log_format", dest="log_format", choices=("text", "json"), default="text")
-    b.add_argument("--verbose", "-v", action="store_true")
+    b.add_argument("--log-format", "--log_format", dest="log_format", choices=("text", "json"), default="text", help="json: one JSON event per line")
+    b.add_argument("--verbose", "-v", action="store_true", help="debug log lines")
     if multi_gpu:
         d = p.add_argument_group("multi-GPU")
         d.add_argument("--ulysses", type=int, default=1, help="Ulysses sequence-parallel degree per case")
@@ -121,6 +86,72 @@ def build_parser(prog: str, multi_gpu: bool = False) -> argparse.ArgumentParser:
         b.add_argument("--shard", metavar="INDEX/COUNT", help="render share INDEX (from 0) of COUNT jobs; default: from SLURM array / "
                        "Kubernetes indexed-job variables; none: the whole batch (README: Batches across many jobs)")
     return p
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """--help names each flag's default, unless its help already says it or there is none to name (off, unset)."""
+
+    def add_argument(self, action: argparse.Action) -> None:
+        if action.help is None and self._names_default(action):  # a flag without help still shows its default
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        super().add_argument(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        return f"{text} (default: %(default)s)" if text and "default" not in text and self._names_default(action) else text
+
+    @staticmethod
+    def _names_default(action: argparse.Action) -> bool:
+        return bool(action.option_strings) and action.default not in (None, False, argparse.SUPPRESS)
+
+
+def add_fields(group: argparse._ArgumentGroup, name: str) -> None:
+    """The flags of the settings fields in help group `name`, from each field's type, default and Flag."""
+    for cls in SETTINGS_CLASSES:
+        for spec, flag in flags_of(cls):
+            if flag.group == name:
+                action = group.add_argument(f"--{spec.name}", *flag.aliases, dest=spec.name, **_argparse_form(cls, spec, flag))
+                alone = f"; alone: {flag.bare}" if flag.bare is not None else ""
+                action.help = f"{flag.help} (default: {flag.default_text or _shown(spec.default)}{alone})"
+
+
+def _argparse_form(cls: type, spec: dataclasses.Field, flag: Flag) -> dict[str, Any]:
+    """add_argument keywords for a field: type and nargs from its annotation, choices from its Literal, its default."""
+    kind = value_type(cls, spec.name)
+    form: dict[str, Any] = {"default": spec.default, **({"metavar": flag.metavar} if flag.metavar else {}), **SPECIAL_FORMS.get(spec.name, {})}
+    if kind is bool:
+        form["action"] = argparse.BooleanOptionalAction
+    elif get_origin(kind) is tuple:
+        form.update(nargs="+", type=get_args(kind)[0], default=list(spec.default))
+    elif get_origin(kind) is Literal:
+        form["choices"] = get_args(kind)
+    elif kind in (int, float):
+        form["type"] = kind
+    elif kind is not str:
+        raise TypeError(f"{spec.name}: no command-line form for a field of type {kind}; give it one here or no flag")
+    if flag.bare is not None:  # unset (None) keeps the field's default, or what --fast sets
+        form.update(nargs="?", const=flag.bare, default=None)
+    return form
+
+
+def _shown(default: Any) -> str:
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, tuple):
+        return " ".join(str(v) for v in default)
+    return str(default)
+
+
+def field_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The parsed values of the flagged fields of `cls`; a flag left unset where the field has a value is left out."""
+    values: dict[str, Any] = {}
+    for spec, _ in flags_of(cls):
+        value = getattr(args, spec.name)
+        if value is None and spec.default is not None:
+            continue
+        values[spec.name] = tuple(value) if isinstance(value, list) else value
+    return values
 
 
 class PresetAction(argparse.Action):
@@ -135,6 +166,14 @@ class PresetAction(argparse.Action):
                 setattr(namespace, dest, value)
         namespace.lora_high = [*(namespace.lora_high or []), *preset.lora_high]
         namespace.lora_low = [*(namespace.lora_low or []), *preset.lora_low]
+
+
+# The flags whose parsing needs more than their field's type: the planner's guidance modes parse, so that
+# settings_from refuses them by name; a preset also sets the other flags still at their defaults.
+SPECIAL_FORMS: dict[str, dict[str, Any]] = {
+    "guidance_mode": {"choices": [*GUIDANCE_MODES, *PLANNER_ONLY_MODES]},
+    "preset": {"action": PresetAction, "choices": list(PRESETS)},
+}
 
 
 # Flags of the batch CLI with no meaning for a long-lived server (the demo, the job server): each request gives its case.
@@ -156,36 +195,10 @@ def settings_from(args: argparse.Namespace) -> GenerationSettings:
         raise ValueError(f"--guidance_mode {args.guidance_mode} belongs to the full Bernini planner; the renderer supports: {', '.join(GUIDANCE_MODES)}")
     if args.solver == "unipc" and not args.use_unipc:
         raise ValueError("--solver unipc contradicts --no-use_unipc; give one of them")
-    return GenerationSettings(
-        neg_prompt=args.neg_prompt,
-        system_prompt=args.system_prompt,
-        num_frames=args.num_frames,
-        max_image_size=args.max_image_size,
-        height=args.height,
-        width=args.width,
-        num_inference_steps=args.num_inference_steps,
-        guidance_mode=args.guidance_mode,
-        omega_vid=args.omega_vid,
-        omega_img=args.omega_img,
-        omega_txt=args.omega_txt,
-        omega_scale=args.omega_scale,
-        flow_shift=args.flow_shift,
-        seed=args.seed,
-        fps=args.fps,
-        eta=args.eta,
-        norm_threshold=tuple(args.norm_threshold),
-        momentum=args.momentum,
-        use_unipc=args.use_unipc if args.solver is None else args.solver == "unipc",
-        use_src_tgt_id=args.use_src_tgt_id,
-        interpolate_src_id=args.interpolate_src_id,
-        max_trained_src_id=args.max_trained_src_id,
-        omega_vid_low=args.omega_vid_low,
-        omega_img_low=args.omega_img_low,
-        omega_txt_low=args.omega_txt_low,
-        switch_step=args.switch_step,
-        skip_zero_passes=args.skip_zero_passes,
-        preset=args.preset,
-    )
+    values = field_values(args, GenerationSettings)
+    if args.solver is not None:  # --solver names the scheduler --use_unipc picks
+        values["use_unipc"] = args.solver == "unipc"
+    return GenerationSettings(**values)
 
 
 def loras_from(args: argparse.Namespace) -> tuple[LoraRef, ...]:
@@ -199,23 +212,10 @@ def loras_from(args: argparse.Namespace) -> tuple[LoraRef, ...]:
 
 
 def runtime_from(args: argparse.Namespace) -> RuntimeConfig:
-    preset = FAST_PRESET if args.fast else {}
-    return RuntimeConfig(
-        device=args.device,
-        dtype=args.dtype,
-        attention=args.attention,
-        compile=args.compile,
-        batch_combos=args.batch_combos,
-        offload=args.offload,
-        t5_cpu=args.t5_cpu,
-        weights=args.weights,
-        max_gpu_memory=args.max_gpu_memory,
-        vae_tiling=args.vae_tiling,
-        fp8_gemm=args.fp8_gemm or preset.get("fp8_gemm", "off"),
-        fp8_attention=args.fp8_attention or preset.get("fp8_attention", "off"),
-        loras=loras_from(args),
-        host_memory=args.host_memory,
-    )
+    values = field_values(args, RuntimeConfig)
+    if args.fast:  # the preset fills the fast options not named
+        values = {**FAST_PRESET, **values}
+    return RuntimeConfig(**values, loras=loras_from(args))
 
 
 def batch_spec_from(args: argparse.Namespace) -> BatchSpec:
@@ -232,7 +232,6 @@ def batch_spec_from(args: argparse.Namespace) -> BatchSpec:
 
 def options_from(args: argparse.Namespace, runtime: RuntimeConfig | None = None) -> BatchOptions:
     return BatchOptions(
-        dry_run=args.dry_run,
         fail_fast=args.fail_fast,
         skip_existing=args.skip_existing,
         summary=args.summary,

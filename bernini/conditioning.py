@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bernini.models.rope import rope_tables, source_ids
+from bernini.models import rope_tables, source_ids
 
 
 @dataclass(frozen=True)

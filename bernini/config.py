@@ -1,14 +1,13 @@
 """Frozen configuration: the renderer's config.json, generation settings and runtime choices."""
 
-from __future__ import annotations
-
 import dataclasses
 import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import UnionType
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
 
 from bernini.tasks import DEFAULT_NEG_PROMPT
 
@@ -28,6 +27,35 @@ MAX_SIDE = 4096
 # torch.Generator.manual_seed takes -2**63 .. 2**64-1 (a negative seed wraps, as upstream's would).
 SEED_RANGE = (-(2**63), 2**64 - 1)
 NORM_THRESHOLD_VALUES = 3  # the official default gives three; the APG modes read at most two
+
+# The choices of the string options. Each Literal is its field's type, so the field declares its choices once:
+# argparse (bernini/cli.py) reads them from the type, the checks and their messages from RUNTIME_CHOICES.
+Dtype = Literal["bfloat16", "float16", "float32"]
+Attention = Literal["auto", "fa3", "fa4", "fa2", "sdpa"]
+Offload = Literal["auto", "none", "expert", "block"]
+Weights = Literal["bf16", "fp8"]
+Fp8Gemm = Literal["off", "auto", "scaled_mm", "torchao"]
+Fp8Attention = Literal["off", "auto", "cudnn_fp8", "sage"]
+Solver = Literal["unipc", "euler"]  # GenerationSettings.use_unipc as a name (--solver)
+SOLVERS: tuple[str, ...] = get_args(Solver)
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A settings field's command-line form; bernini/cli.py builds its argparse argument from this and the field's type."""
+
+    group: str  # the --help group: model | generation | few-step | runtime | fast
+    help: str  # one line: what the setting does
+    aliases: tuple[str, ...] = ()  # older spellings that keep working (--omega_V for --omega_vid)
+    default_text: str | None = None  # how --help names the default when the value says little (None, a long text)
+    bare: str | None = None  # the value of the flag given alone (--fp8_gemm = --fp8_gemm auto); then unset means the default
+    metavar: str | None = None
+
+
+def flag(default: Any, group: str, help: str, *aliases: str, default_text: str | None = None, bare: str | None = None,
+         metavar: str | None = None) -> Any:
+    """A dataclass field with its default and its flag (--<field name>, in metadata['flag']), declared together."""
+    return field(default=default, metadata={"flag": Flag(group, help, aliases, default_text, bare, metavar)})
 
 
 @dataclass(frozen=True)
@@ -95,37 +123,40 @@ class RendererConfig:
 class GenerationSettings:
     """Everything that shapes one render besides the case's routing and media (CLI defaults)."""
 
-    neg_prompt: str = DEFAULT_NEG_PROMPT
-    system_prompt: str = ""  # empty: from the task table
-    num_frames: int = 81
-    max_image_size: int = 848
-    height: int = 480
-    width: int = 848
-    num_inference_steps: int = 40
-    guidance_mode: str | None = None  # None: case file, then the task's default
-    omega_vid: float = 1.25
-    omega_img: float = 4.5
-    omega_txt: float = 4.0
-    omega_scale: float = 0.8
-    flow_shift: float = 5.0
-    seed: int = 42
-    fps: float = 16.0
-    eta: float = 0.5
-    norm_threshold: tuple[float, ...] = (50.0, 50.0, 50.0)
-    momentum: float = 0.0
-    use_unipc: bool = True
-    use_src_tgt_id: bool = True
-    interpolate_src_id: bool = True
-    max_trained_src_id: int = 5
-    omega_vid_low: float | None = None  # the low expert's ω; None: omega_* x omega_scale (the official switch rule)
-    omega_img_low: float | None = None
-    omega_txt_low: float | None = None
-    switch_step: int | None = None  # high-expert steps before the switch; None: the boundary rule
-    skip_zero_passes: bool = True  # lossless: passes of zero weight (and Euler steps of dt 0) are not run
-    preset: str | None = None  # the --preset these values came from (bernini/presets.py), for the record
+    neg_prompt: str = flag(DEFAULT_NEG_PROMPT, "generation", "what the video should not show", default_text="the Wan2.2 negative prompt")
+    system_prompt: str = flag("", "generation", "override the task's system prompt", default_text="the task's")
+    num_frames: int = flag(81, "generation", "frames: 1 makes an image, 4k+1 a video (with a source video: at most this many)")
+    max_image_size: int = flag(848, "generation", "long side, in pixels, the source videos and images are resized to")
+    height: int = flag(480, "generation", "output height of the tasks without a source video or image (t2v, t2i, r2v)")
+    width: int = flag(848, "generation", "output width of the tasks without a source video or image (t2v, t2i, r2v)")
+    num_inference_steps: int = flag(40, "generation", "denoising steps")
+    guidance_mode: str | None = flag(None, "generation", "how the guidance passes combine", default_text="the case file's, else the task's")
+    omega_vid: float = flag(1.25, "generation", "guidance scale ω of the source video", "--omega_V")
+    omega_img: float = flag(4.5, "generation", "guidance scale ω of the images", "--omega_I")
+    omega_txt: float = flag(4.0, "generation", "guidance scale ω of the text", "--omega_TI")
+    omega_scale: float = flag(0.8, "generation", "factor on each ω once the low-noise expert takes over")
+    flow_shift: float = flag(5.0, "generation", "shift of the sampling schedule (replaces the config's shift)")
+    seed: int = flag(42, "generation", "seed of the initial noise")
+    fps: float = flag(16.0, "generation", "frames per second: resamples the source videos and times the output")
+    eta: float = flag(0.5, "generation", "APG modes: weight of the guidance parallel to the prediction")
+    norm_threshold: tuple[float, ...] = flag((50.0, 50.0, 50.0), "generation", "APG modes: per-frame norm limit of each guidance term (0 or less: no limit)")
+    momentum: float = flag(0.0, "generation", "APG modes: momentum of the guidance terms across steps")
+    use_unipc: bool = flag(True, "model", "the UniPC scheduler; --no-use_unipc: the official Euler fallback (= --solver euler)")
+    use_src_tgt_id: bool = flag(True, "model", "source-id rotary embedding (tells the sources and the target apart)")
+    interpolate_src_id: bool = flag(True, "model", "map more sources than --max_trained_src_id into the trained id range")
+    max_trained_src_id: int = flag(5, "model", "source ids the model was trained with")
+    # The low expert's ω; None: omega_* x omega_scale (the official switch rule).
+    omega_vid_low: float | None = flag(None, "few-step", "the low-noise expert's ω video", default_text="--omega_vid x --omega_scale")
+    omega_img_low: float | None = flag(None, "few-step", "the low-noise expert's ω image", default_text="--omega_img x --omega_scale")
+    omega_txt_low: float | None = flag(None, "few-step", "the low-noise expert's ω text", default_text="--omega_txt x --omega_scale")
+    switch_step: int | None = flag(None, "few-step", "run the high-noise expert for the first N steps", default_text="the boundary rule")
+    # Lossless: passes of zero weight (and Euler steps of dt 0) are not run.
+    skip_zero_passes: bool = flag(True, "few-step", "do not run guidance passes whose weight is zero (lossless)")
+    # The --preset these values came from (bernini/presets.py), for the record.
+    preset: str | None = flag(None, "few-step", "a published step-distillation recipe (README); explicit flags win", default_text="none")
 
     @property
-    def solver(self) -> str:
+    def solver(self) -> Solver:
         """'unipc' or 'euler' (the official --no-use_unipc scheduler)."""
         return "unipc" if self.use_unipc else "euler"
 
@@ -164,27 +195,26 @@ class GenerationSettings:
 class RuntimeConfig:
     """Where and how the models run (not part of what a render means)."""
 
-    device: str = "cuda"
-    dtype: str = "bfloat16"
-    attention: str = "auto"
-    compile: bool | None = None  # None: on for CUDA devices, off on the CPU (compiling costs more than it saves there)
-    batch_combos: bool = True  # run equal-length combos of one step as one batch
-    offload: str = "auto"  # none | expert | block | auto
-    t5_cpu: bool = False
-    weights: str = "bf16"  # bf16 | fp8: block Linear weights stored as float8_e4m3fn (lossy, about half the memory)
-    max_gpu_memory: float | None = None  # GiB the memory plan may use (None: what is free)
-    vae_tiling: bool | None = None  # None: the memory plan decides
-    host_ranks: int = 1  # processes sharing this host's RAM (torchrun's local ranks): each plans with its share
-    fp8_gemm: str = "off"  # off | auto | scaled_mm | torchao: block Linears computed in FP8 (lossy, opt-in)
-    fp8_attention: str = "off"  # off | auto | cudnn_fp8 | sage: 8-bit self-attention (lossy, opt-in)
-    loras: tuple[LoraRef, ...] = ()  # merged into the experts' weights at load (bernini/lora), recorded in sidecars
-    host_memory: float | None = None  # GiB of RAM the machine has, for the memory plan (None: what is free)
-    extra: dict[str, Any] = field(default_factory=dict)
+    device: str = flag("cuda", "runtime", "cuda, cuda:N (the GPU index) or cpu")
+    dtype: Dtype = flag("bfloat16", "runtime", "compute dtype of the models (float32 for exact CPU runs)")
+    attention: Attention = flag("auto", "runtime", "attention kernel; auto: FA3 > FA4 > SDPA on Hopper, FA2 > SDPA on Ampere/Ada")
+    compile: bool | None = flag(None, "runtime", "regional torch.compile of the blocks", default_text="on for CUDA, off on the CPU")
+    batch_combos: bool = flag(True, "runtime", "run equal-length guidance passes of a step as one batch")
+    offload: Offload = flag("auto", "runtime", "where the experts wait: none (on the GPU), expert, block; auto: the fastest that fits")
+    t5_cpu: bool = flag(False, "runtime", "encode text on the CPU (otherwise UMT5 waits in pinned host memory and visits the GPU)")
+    weights: Weights = flag("bf16", "runtime", "fp8: block Linear weights as float8_e4m3fn + per-channel scales (lossy, about half the memory)")
+    max_gpu_memory: float | None = flag(None, "runtime", "plan for (and cap the allocator at) this much GPU memory", default_text="what is free", metavar="GiB")
+    vae_tiling: bool | None = flag(None, "runtime", "tiled VAE encode/decode", default_text="when memory is short")
+    host_memory: float | None = flag(None, "runtime", "plan for a machine with this much RAM", default_text="what is free now", metavar="GiB")
+    host_ranks: int = 1  # set by the launcher, no flag: processes sharing this host's RAM (torchrun's local ranks), each plans with its share
+    fp8_gemm: Fp8Gemm = flag("off", "fast", "block Linear layers in FP8 (per-token activation and per-channel weight scales)", bare="auto")
+    fp8_attention: Fp8Attention = flag("off", "fast", "8-bit self-attention (cuDNN FP8 SDPA or SageAttention)", bare="auto")
+    loras: tuple["LoraRef", ...] = ()  # from --lora/--lora_high/--lora_low: merged into the experts at load (bernini/lora), recorded in sidecars
 
     def __post_init__(self) -> None:
         _require("device", self.device, isinstance(self.device, str) and _DEVICE.match(self.device) is not None,
                  "must be cuda, cuda:N (N = the GPU index) or cpu")
-        for name, choices in _RUNTIME_CHOICES.items():
+        for name, choices in RUNTIME_CHOICES.items():
             value = getattr(self, name)
             _require(name, value, value in choices, f"must be one of {', '.join(choices)}")
         if self.max_gpu_memory is not None:
@@ -202,21 +232,26 @@ class RuntimeConfig:
         return self.weights != "bf16" or self.fp8_gemm != "off" or self.fp8_attention != "off"
 
 
-FP8_GEMM_CHOICES = ("off", "auto", "scaled_mm", "torchao")
-FP8_ATTENTION_CHOICES = ("off", "auto", "cudnn_fp8", "sage")
+def value_type(cls: type, name: str) -> Any:
+    """A settings field's type without its None (int | None -> int): what a value given as text converts to."""
+    kind = next(f.type for f in dataclasses.fields(cls) if f.name == name)
+    if get_origin(kind) in (Union, UnionType):
+        rest = [k for k in get_args(kind) if k is not type(None)]
+        return rest[0] if len(rest) == 1 else kind
+    return kind
+
+
+def flags_of(cls: type) -> list[tuple[dataclasses.Field, Flag]]:
+    """The fields of a settings dataclass that have a command-line flag, in declaration order."""
+    return [(f, f.metadata["flag"]) for f in dataclasses.fields(cls) if "flag" in f.metadata]
+
+
+RUNTIME_CHOICES: dict[str, tuple[str, ...]] = {f.name: get_args(f.type) for f in dataclasses.fields(RuntimeConfig) if get_origin(f.type) is Literal}
 # What --fast turns on: each option in its 'auto' form, which falls back to the exact path where the card or the
 # installed packages lack it. Named flags override the preset; docs/performance.md has what each option measured.
 FAST_PRESET: dict[str, str] = {"fp8_gemm": "auto", "fp8_attention": "auto"}
 
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
-_RUNTIME_CHOICES: dict[str, tuple[Any, ...]] = {
-    "dtype": ("bfloat16", "float16", "float32"),
-    "attention": ("auto", "fa3", "fa4", "fa2", "sdpa"),
-    "offload": ("auto", "none", "expert", "block"),
-    "weights": ("bf16", "fp8"),
-    "fp8_gemm": FP8_GEMM_CHOICES,
-    "fp8_attention": FP8_ATTENTION_CHOICES,
-}
 
 
 def _is_number(value: Any) -> bool:

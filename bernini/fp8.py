@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 MIN_SCALE = 1e-12  # an all-zero row still gets a usable scale
+KEEP_FP32 = ("weight_scale",)  # loading `bernini convert --weights fp8` files: the per-row scales stay float32
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

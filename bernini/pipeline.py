@@ -21,9 +21,18 @@ from bernini.cases import Case
 from bernini.conditioning import Conditions, Source, SourceIdRule
 from bernini.config import DEFAULT_CONFIG_DIR, GenerationSettings, RendererConfig, RuntimeConfig
 from bernini.guidance import get_mode
-from bernini.models.text_encoder import TextEncoder, positive_text
-from bernini.models.transformer import LocalSequence, TransformerConfig, WanTransformer, compile_blocks, fuse_projections, patchify, unpatchify
-from bernini.models.vae import VAE
+from bernini.models import (
+    VAE,
+    LocalSequence,
+    TextEncoder,
+    TransformerConfig,
+    WanTransformer,
+    compile_blocks,
+    fuse_projections,
+    patchify,
+    positive_text,
+    unpatchify,
+)
 from bernini.offload import ExpertStore, MemoryPlan
 from bernini.plan import PATCH, CasePlan, effective_settings, plan_case
 from bernini.sampling import Denoiser, LocalCombos, SamplingPlan, StepEvent, initial_noise, sampling_plan
@@ -129,10 +138,11 @@ def load_expert(
     keys = expert_weight_sources(sources, name)
     if convert.holds_fp8(keys):  # written by `bernini convert --weights fp8`: loaded as stored, never re-quantized
         convert.fp8_shells(model, plan.weights if plan is not None else "bf16", device)
+    keep = WanTransformer.keep_fp32 + fp8.KEEP_FP32
     each_block = block_finisher(model, plan, device, fp8_gemm)
     merge = lora.Merger(loras) if loras is not None else None
     if plan is None or (plan.offload == "none" and plan.weights == "bf16"):
-        weights.load_weights(model, keys, device=device, dtype=dtype, keep_fp32=WanTransformer.keep_fp32, transform=merge)
+        weights.load_weights(model, keys, device=device, dtype=dtype, keep_fp32=keep, transform=merge)
         for block in model.blocks:
             each_block(block)
     elif plan.reads_blocks:  # the blocks stay on disk as stored; the store reads them as they are used
@@ -140,9 +150,9 @@ def load_expert(
             raise ValueError("LoRAs and --fp8_gemm change the weights at load, so no block can be read back from the files as stored; "
                              "the memory plan keeps every block in host memory then (this plan was forced on it)")
         fuse_projections(model)  # on the empty blocks: the files' to_q, to_k and to_v rows are read into to_qkv
-        offload.load_lazily(model, keys, device=device, dtype=dtype, keep_fp32=WanTransformer.keep_fp32)
+        offload.load_lazily(model, keys, device=device, dtype=dtype, keep_fp32=keep)
     else:
-        offload.load_blockwise(model, keys, device=device, dtype=dtype, keep_fp32=WanTransformer.keep_fp32, each_block=each_block, transform=merge)
+        offload.load_blockwise(model, keys, device=device, dtype=dtype, keep_fp32=keep, each_block=each_block, transform=merge)
     if merge is not None:
         merge.finish()
     return model.eval().requires_grad_(False)

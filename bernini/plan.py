@@ -123,10 +123,6 @@ def _media_plan(path: Path, kind: str, settings: GenerationSettings) -> MediaPla
     return MediaPlan(str(path), kind, frames, w, h, latent_grid(frames, h, w))
 
 
-def snap16(side: int) -> int:
-    return max(16, round(side / 16) * 16)
-
-
 def plan_media(case: Case, settings: GenerationSettings) -> tuple[MediaPlan, ...]:
     """Probe every source (cached); a bad file is a CaseError naming the case file and the key."""
     keyed = [("video", "video", p) for p in case.videos]
@@ -166,7 +162,7 @@ def plan_case(case: Case, settings: GenerationSettings) -> CasePlan:
         frames, width, height = 1 if task.single_frame else media.coerce_num_frames(settings.num_frames), first.width, first.height
     else:
         frames = 1 if task.single_frame else media.coerce_num_frames(settings.num_frames)
-        width, height = snap16(settings.width), snap16(settings.height)
+        width, height = media.snap_to_16(settings.width), media.snap_to_16(settings.height)
         if (width, height) != (settings.width, settings.height):
             log.info("%s: size %dx%d snapped to multiples of 16: %dx%d", case.name, settings.width, settings.height, width, height)
     if settings.num_frames != frames and not task.single_frame and not case.videos:

@@ -47,7 +47,6 @@ VERSIONED_PACKAGES = ("diffusers", "transformers", "accelerate", "safetensors", 
 class BatchOptions:
     """How a batch runs: fail-fast, resume, where its summary goes, the runtime sidecars record."""
 
-    dry_run: bool = False
     fail_fast: bool = False
     skip_existing: bool = False
     summary: Path | None = None

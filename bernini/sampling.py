@@ -17,7 +17,7 @@ from bernini import attention
 from bernini.conditioning import Conditions, Layout, SourceIdRule, build_layout, layout_key, visual_sources
 from bernini.config import GenerationSettings
 from bernini.guidance import APGSettings, Combo, GuidanceMode, GuidanceScales, active_combos, combine, new_state
-from bernini.models.transformer import TextKV, WanTransformer
+from bernini.models import TextKV, WanTransformer
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,6 @@ class LocalCombos:
 class NonFiniteError(RuntimeError):
     """The latent stopped being finite; nothing is decoded or written."""
 
-
-SOLVERS: tuple[str, ...] = ("unipc", "euler")
 
 # Wan2.2's scheduler_config.json: what the dry run plans steps with before any checkpoint is read.
 DEFAULT_SCHEDULER_CONFIG: dict[str, Any] = {

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bernini.claims import Claims
-from bernini.parallel.groups import balance
+from bernini.parallel import balance
 from bernini.runner import BatchOptions, CaseRecord, exit_code, summary_location, write_json_atomic
 
 if TYPE_CHECKING:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 from pathlib import Path
 from typing import Any
 
@@ -9,10 +11,11 @@ import av
 import numpy as np
 import pytest
 from media_files import encode_video, gray_frames
+from PIL import Image
 
 from bernini.doctor import check_codecs
-from bernini.media import load_video, probe_video, read_video_frames_rgb, sample_frame_indices, sample_preview_frames, verify_media, write_media
-from bernini.media.container import open_input
+from bernini.media import load_video, open_input, probe_video, read_video_frames_rgb, sample_frame_indices, sample_preview_frames, verify_media, write_media
+from bernini.prompt_enhancer import build_messages
 
 REAL_OPEN = av.open
 
@@ -74,6 +77,22 @@ def test_every_media_path_works_through_the_19x_av_open(tmp_path: Path, monkeypa
     assert check_codecs()["decode_h264"] == "yes"  # the doctor's own probe
 
     assert any("metadata_errors" in kw for kw in calls)  # the old keyword was tried, refused, and dropped
+
+
+def sent_levels(clip: Path) -> list[int]:
+    """The gray level of each video frame the prompt enhancer would send for a v2v task."""
+    messages, _ = build_messages("v2v", "x", videos=[clip])
+    urls = [part["image_url"]["url"] for part in messages[1]["content"] if part["type"] == "image_url"]
+    return [Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("L").getpixel((32, 16)) for url in urls]
+
+
+def test_the_prompt_enhancer_reads_video_frames_on_every_pyav(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its frames come through bernini.media, so a Latin-1 tag (strict on PyAV < 19) opens, and so
+    # does any clip through the 19.x av.open. Frame i of both clips is gray 20*i, 9 frames.
+    assert sent_levels(latin1_titled_clip(tmp_path / "latin1.mp4")) == pytest.approx([0, 80, 160], abs=3)
+    monkeypatch.setattr(av, "open", open_without_metadata_errors)
+    clip = encode_video(tmp_path / "clip.mp4", gray_frames(9, 64, 32, step=20), fps=16)
+    assert sent_levels(clip) == pytest.approx([0, 80, 160], abs=3)  # first, middle, last
 
 
 def test_other_type_errors_are_not_swallowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

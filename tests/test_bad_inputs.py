@@ -9,53 +9,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from openai_stub import StubServer, answer, http_error
 
 from bernini import main as entry
 from bernini import media
 from bernini.cases import BatchSpec, collect_cases
 from bernini.pipeline import Renderer
-from bernini.testing import tiny_checkpoints
 
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = REPO / "assets" / "testcases"
 TINY = ["--num_inference_steps", "2", "--height", "32", "--width", "48", "--max_image_size", "64", "--num_frames", "5", "--device", "cpu", "--dtype", "float32"]
 
 
-@pytest.fixture(scope="session")
-def config() -> str:
-    return str(tiny_checkpoints().diffusers)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-_LOADED: dict[Any, Renderer] = {}
-
-
-@pytest.fixture(autouse=True)
-def cached_load(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The tiny models load once per session (the batch still calls Renderer.load per run)."""
-    real = Renderer.load.__func__  # type: ignore[attr-defined]
-
-    def load(cls: type[Renderer], sources: Any, runtime: Any = None, workload: Any = None) -> Renderer:
-        key = (str(sources.base), runtime.device, runtime.dtype, runtime.attention)
-        if key not in _LOADED:
-            _LOADED[key] = real(cls, sources, runtime)
-        return _LOADED[key]
-
-    monkeypatch.setattr(Renderer, "load", classmethod(load))
+pytestmark = pytest.mark.usefixtures("one_thread", "cached_load")
 
 
 @pytest.fixture(autouse=True)

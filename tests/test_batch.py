@@ -7,7 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,8 @@ from PIL import Image
 from bernini import driver, media, runner
 from bernini import main as entry
 from bernini.cases import load_case_file
-from bernini.models.transformer import WanTransformer
+from bernini.models import WanTransformer
 from bernini.pipeline import Renderer
-from bernini.testing import tiny_checkpoints
 
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = REPO / "assets" / "testcases"
@@ -34,38 +33,7 @@ SIDECAR_KEYS = {
 }
 
 
-@pytest.fixture(scope="session")
-def config() -> str:
-    return str(tiny_checkpoints().diffusers)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: extra threads only add contention on a busy test machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-_LOADED: dict[Any, Renderer] = {}
-
-
-@pytest.fixture(autouse=True)
-def cached_load(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Load the tiny models once per session (the batch code still calls Renderer.load per run)."""
-    calls: list[int] = []
-    real = Renderer.load.__func__  # type: ignore[attr-defined]
-
-    def load(cls: type[Renderer], sources: Any, runtime: Any = None, workload: Any = None) -> Renderer:
-        calls.append(1)
-        key = (str(sources.base), runtime.device, runtime.dtype, runtime.attention)
-        if key not in _LOADED:
-            _LOADED[key] = real(cls, sources, runtime)
-        return _LOADED[key]
-
-    monkeypatch.setattr(Renderer, "load", classmethod(load))
-    return calls
+pytestmark = pytest.mark.usefixtures("one_thread", "cached_load")
 
 
 def refuse_loading(monkeypatch: pytest.MonkeyPatch) -> None:

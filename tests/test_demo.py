@@ -17,7 +17,7 @@ import pytest
 
 gr = pytest.importorskip("gradio", reason="the demo needs gradio (requirements.txt)")
 
-from launch import end_group, free_port  # noqa: E402
+from processes import end_group, free_port  # noqa: E402
 
 from bernini import demo  # noqa: E402
 from bernini.cases import CaseError  # noqa: E402
@@ -25,19 +25,14 @@ from bernini.config import RuntimeConfig  # noqa: E402
 from bernini.driver import Session  # noqa: E402
 from bernini.engine import Engine  # noqa: E402
 from bernini.media import verify_media  # noqa: E402
+from bernini.parallel import LocalPeers  # noqa: E402
 from bernini.pipeline import Renderer, resolve_sources  # noqa: E402
-from bernini.testing import tiny_checkpoints  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MEDIA = ROOT / "assets" / "testcases" / "media"
 TINY = ["--num_inference_steps", "2", "--max_image_size", "64", "--num_frames", "5", "--height", "32", "--width", "48", "--device", "cpu", "--dtype", "float32"]
 NAME = re.compile(r"^(t2i|v2v)_\d{8}_\d{6}_\d{6}\.(png|mp4)$")
 
-
-
-@pytest.fixture(scope="module")
-def config() -> str:
-    return str(tiny_checkpoints().diffusers)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +44,7 @@ def loaded(config: str) -> tuple[Any, Renderer]:
 def make_service(config: str, loaded: tuple[Any, Renderer], save_dir: Path, *flags: str) -> demo.DemoService:
     sources, renderer = loaded
     args = demo.parse_args(["--config", config, "--save_dir", str(save_dir), *TINY, *flags])
-    runner = demo.JobRunner(Session(Engine(renderer, sources)), demo.LocalPeers())
+    runner = demo.JobRunner(Session(Engine(renderer, sources)), LocalPeers())
     return demo.DemoService(runner, demo.base_settings(args), save_dir)
 
 

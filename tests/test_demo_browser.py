@@ -17,7 +17,7 @@ import pytest
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 pytest.importorskip("gradio", reason="the demo needs gradio (requirements.txt)")
 
-from launch import end_group, free_port  # noqa: E402
+from processes import end_group, free_port  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.is_file():

@@ -13,7 +13,7 @@ from packaging.requirements import Requirement
 
 from bernini import doctor, supported
 from bernini.__main__ import main as bernini_main
-from bernini.models.transformer import TransformerConfig, WanTransformer
+from bernini.models import TransformerConfig, WanTransformer
 from bernini.offload import sizes as memory
 from bernini.plan import CasePlan, MediaPlan
 from bernini.testing import tiny_checkpoints

@@ -17,16 +17,10 @@ import pytest
 
 from bernini import main as entry
 from bernini.pipeline import Renderer
-from bernini.testing import tiny_checkpoints
 
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = REPO / "assets" / "testcases"
 TINY = ["--height", "32", "--width", "48", "--max_image_size", "64", "--num_frames", "5", "--device", "cpu", "--dtype", "float32"]
-
-
-@pytest.fixture(scope="module")
-def config() -> str:
-    return str(tiny_checkpoints().diffusers)
 
 
 def write_cases(folder: Path, *names: str) -> Path:

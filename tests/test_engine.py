@@ -20,7 +20,6 @@ from bernini.cases import CaseError
 from bernini.config import GenerationSettings, RuntimeConfig
 from bernini.engine import Engine
 from bernini.pipeline import Renderer
-from bernini.testing import tiny_checkpoints
 
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = REPO / "assets" / "testcases"
@@ -31,17 +30,7 @@ CASES = [ASSETS / "t2i" / "t2i.json", ASSETS / "v2v" / "v2v_case1.json", ASSETS 
 SAME_IN_SIDECAR = ("fingerprint", "prompt_used", "seed", "effective", "settings", "plan", "guidance_per_expert", "expert_steps", "runtime", "checkpoint", "case")
 
 
-@pytest.fixture(scope="module")
-def config() -> str:
-    return str(tiny_checkpoints().diffusers)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

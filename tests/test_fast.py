@@ -25,10 +25,9 @@ from bernini import attention, fp8
 from bernini.cases import Case, load_case_file
 from bernini.cli import build_parser, runtime_from
 from bernini.config import FAST_PRESET, GenerationSettings, RuntimeConfig
-from bernini.models.rope import rope_tables
+from bernini.models import rope_tables
 from bernini.models.transformer import Block, LocalSequence, TransformerConfig, WanTransformer, fuse_projections, patchify, unpatchify
 from bernini.pipeline import Renderer
-from bernini.testing import tiny_checkpoints
 
 REPO = Path(__file__).resolve().parent.parent
 CASE = REPO / "assets" / "testcases" / "v2v" / "v2v_case1.json"
@@ -55,11 +54,6 @@ def exact_attention():
     saved = dict(attention._state)
     yield
     attention._state.update(saved)
-
-
-@pytest.fixture(scope="module")
-def config() -> str:
-    return str(tiny_checkpoints().diffusers)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from bernini.cases import Case, load_case_file
 from bernini.config import GenerationSettings, RuntimeConfig
 from bernini.models.transformer import Block, TransformerConfig
 from bernini.pipeline import Renderer
-from bernini.testing import tiny_checkpoints
 
 REPO = Path(__file__).resolve().parent.parent
 CASE = REPO / "assets" / "testcases" / "v2v" / "v2v_case1.json"
@@ -31,11 +30,6 @@ E4M3_SUBNORMAL_ABS = 2.0**-10  # half the subnormal spacing (2^-9), in units of 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())
-
-
-@pytest.fixture(scope="module")
-def config() -> str:
-    return str(tiny_checkpoints().diffusers)
 
 
 @pytest.fixture(scope="module")

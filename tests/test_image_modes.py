@@ -9,8 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bernini.media import MediaError, load_image
-from bernini.media.read import open_rgb_image
+from bernini.media import MediaError, load_image, open_rgb_image
 
 H, W = 32, 48  # multiples of 16: load_image keeps the size, so its tensor is exactly the decoded pixels
 RNG = np.random.default_rng(14)

@@ -421,6 +421,7 @@ def test_demo_picker_loads_the_experts_again_only_for_a_new_set(tiny: Path, tmp_
     from bernini import demo
     from bernini.driver import Session
     from bernini.engine import Engine
+    from bernini.parallel import LocalPeers
     from bernini.pipeline import resolve_sources
 
     folder = tmp_path / "loras"
@@ -429,7 +430,7 @@ def test_demo_picker_loads_the_experts_again_only_for_a_new_set(tiny: Path, tmp_
     sources = resolve_sources(str(tiny))
     runtime = RuntimeConfig(**RUNTIME)  # type: ignore[arg-type]
     renderer = Renderer.load(sources, runtime)
-    runner = demo.JobRunner(Session(Engine(renderer, sources)), demo.LocalPeers())
+    runner = demo.JobRunner(Session(Engine(renderer, sources)), LocalPeers())
     loads: list[tuple[lora.LoraRef, ...]] = []
 
     def switch(refs: tuple[lora.LoraRef, ...]) -> None:  # what serve_single does, minus freeing memory

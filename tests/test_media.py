@@ -25,6 +25,7 @@ from bernini.media import (
     resize_dims,
     sample_frame_indices,
     sample_preview_frames,
+    snap_to_16,
     verify_media,
     write_media,
 )
@@ -77,6 +78,11 @@ def test_resize_dims(width: int, height: int, max_size: int, expected: tuple[int
 def test_resize_dims_rejects_nonpositive() -> None:
     with pytest.raises(ValueError):
         resize_dims(0, 10, 848)
+
+
+def test_snap_to_16_the_text_only_size_rule() -> None:
+    # --width/--height of a task without media (scale 1): nearest multiple of 16, half to even, at least 16.
+    assert [snap_to_16(side) for side in (360, 1000, 1016, 8, 24, 848)] == [352, 992, 1024, 16, 32, 848]
 
 
 # --- frame sampling --------------------------------------------------------------------------
@@ -204,7 +210,7 @@ def test_load_video_decodes_only_what_it_needs(
 ) -> None:
     path = encode_video(tmp_path / "long.mp4", gray_frames(120, 32, 32, step=2), fps=30)
     decoded: list[int] = []
-    real = media.rotate_upright
+    real = media.read.rotate_upright
 
     def counting(rgb: np.ndarray, rotation: int) -> np.ndarray:
         decoded.append(1)
@@ -258,7 +264,7 @@ def test_read_rotation(matrix_ccw: int, tag: str | None, expected: int) -> None:
     # Stand-ins: current FFmpeg turns a legacy `rotate` tag into a display matrix on read.
     frame = SimpleNamespace(rotation=matrix_ccw)
     stream = SimpleNamespace(metadata={"rotate": tag} if tag else {})
-    assert media.read_rotation(frame, stream, Path("v.mp4")) == expected  # type: ignore[arg-type]
+    assert media.probe.read_rotation(frame, stream, Path("v.mp4")) == expected  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -383,7 +389,7 @@ def test_crash_mid_write_leaves_nothing(
 ) -> None:
     final = tmp_path / "clip.mp4"
     calls: list[int] = []
-    real = media.make_video_frame
+    real = media.write.make_video_frame
 
     def flaky(rgb: np.ndarray) -> av.VideoFrame:
         calls.append(1)

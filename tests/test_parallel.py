@@ -12,14 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import free_port
+from processes import free_port
 
 from bernini.guidance import I_C, I_U, NONE_C, NONE_U, V_U, VI_C, VI_U
-from bernini.parallel.cfg import CfgCombos, assign_combos
-from bernini.parallel.groups import LaunchEnv, Topology, balance, build_topology
+from bernini.parallel import CfgCombos, LaunchEnv, Topology, assign_cases, assign_combos, balance, build_topology
 from bernini.parallel.status import GroupStatus
 from bernini.parallel.ulysses import pad_sequence, padded_length
-from bernini.parallel.world import assign_cases
 from bernini.sampling import LocalCombos
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,10 +14,10 @@ from typing import Any, Iterator
 import av
 import numpy as np
 import pytest
+from media_files import encode_video
 from openai_stub import RecordedRequest, StubServer, answer, delayed, empty, http_error, malformed_json
 from PIL import Image
 
-from bernini import pe_templates
 from bernini.prompt_enhancer import (
     DEFAULT_MODEL,
     NO_KEY_ERROR,
@@ -27,8 +27,8 @@ from bernini.prompt_enhancer import (
     PromptEnhancerError,
     backoff_delay,
     build_messages,
+    templates,
 )
-from bernini.prompt_enhancer import _upright as upright  # private helper, tested directly
 
 TEST_KEY = "sk-test-key"
 SENTINEL = "sk-SENTINEL-abc123"
@@ -159,7 +159,7 @@ def test_t2i_uses_still_image_rewriter(server_env: StubServer, tmp_path: Path) -
     assert make_enhancer(tmp_path).enhance("t2i", "lighthouse").prompt == "A lighthouse at dusk."
     system = only_request(server_env).body["messages"][0]["content"]
     assert "single still image" in system and "no motion and no camera movement" in system
-    assert system != pe_templates.T2V_SYSTEM_PROMPT
+    assert system != templates.T2V_SYSTEM_PROMPT
 
 
 def test_v2v_sends_first_middle_last_frame_of_each_video(server_env: StubServer, tmp_path: Path, video: Path) -> None:
@@ -236,7 +236,7 @@ def test_rv2v_sends_source_frames_then_references(
     assert bytes_of(urls[3]) == png.read_bytes()
 
 
-@pytest.mark.parametrize("task", sorted(pe_templates.TASK_TEMPLATES))
+@pytest.mark.parametrize("task", sorted(templates.TASK_TEMPLATES))
 def test_json_mode_exactly_for_reference_tasks(task: str) -> None:
     _, json_mode = build_messages(task, "prompt")
     assert json_mode == (task in JSON_TASKS)
@@ -456,12 +456,17 @@ def test_from_env_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     assert PromptEnhancer(PESettings()).settings.model == "env-model"
 
 
-def test_upright_undoes_display_rotation() -> None:
-    image = Image.new("RGB", (4, 2))
-    image.putpixel((0, 0), (255, 255, 255))  # top-left marker
-    turned = upright(image, 90.0)  # stored sideways; shown turned 90 degrees counter-clockwise
-    assert turned.size == (2, 4) and turned.getpixel((0, 3)) == (255, 255, 255)
-    assert upright(image, 0.0) is image and upright(image, -90.0).getpixel((1, 0)) == (255, 255, 255)
+@pytest.mark.parametrize(("rotation_ccw", "marker"), [(90.0, (0, 63)), (-90.0, (31, 0))])
+def test_video_frames_are_sent_upright(tmp_path: Path, rotation_ccw: float, marker: tuple[int, int]) -> None:
+    # Stored 64x32 with a white top-left corner; the display matrix turns it counter-clockwise.
+    frames = np.zeros((3, 32, 64, 3), np.uint8)
+    frames[:, :8, :8] = 255
+    clip = encode_video(tmp_path / "phone.mp4", frames, fps=8, rotation=rotation_ccw)
+    messages, _ = build_messages("i2v", "walk", videos=[clip])
+    (url,) = [part["image_url"]["url"] for part in messages[1]["content"] if part["type"] == "image_url"]
+    sent = Image.open(io.BytesIO(bytes_of(url))).convert("L")
+    assert sent.size == (32, 64)
+    assert sent.getpixel(marker) > 200 and sent.getpixel((31 - marker[0], 63 - marker[1])) < 50
 
 
 def test_backoff_doubles_and_caps() -> None:
@@ -477,7 +482,7 @@ def test_sidecar_is_json_ready() -> None:
         "model": "m",
         "attempts": 1,
         "error": None,
-        "template_version": pe_templates.TEMPLATE_VERSION,
+        "template_version": templates.TEMPLATE_VERSION,
     }
 
 

@@ -27,7 +27,7 @@ openai = pytest.importorskip("openai", reason="the tests drive the server with t
 pytest.importorskip("openai.resources.videos", reason="the tests need an openai SDK with client.videos")
 
 from fastapi.testclient import TestClient  # noqa: E402
-from launch import end_group, free_port  # noqa: E402
+from processes import end_group, free_port  # noqa: E402
 
 from bernini.cases import load_case_file  # noqa: E402
 from bernini.config import GenerationSettings, RuntimeConfig  # noqa: E402
@@ -35,17 +35,20 @@ from bernini.driver import Session  # noqa: E402
 from bernini.engine import Engine  # noqa: E402
 from bernini.media import verify_media  # noqa: E402
 from bernini.pipeline import Renderer, resolve_sources  # noqa: E402
-from bernini.runner import (
-    model_identity,  # noqa: E402
+from bernini.runner import model_identity  # noqa: E402
+from bernini.server import (  # noqa: E402
+    JobRenderer,
+    JobService,
+    JobStore,
+    Redactor,
+    Rendered,
+    RenderJob,
+    ServerFolders,
+    Worker,
+    auth,
+    create_app,
+    launch,
 )
-from bernini.server import auth, launch  # noqa: E402
-from bernini.server.app import create_app  # noqa: E402
-from bernini.server.folders import Redactor, ServerFolders  # noqa: E402
-from bernini.server.jobs import JobService  # noqa: E402
-from bernini.server.render import JobRenderer, Rendered, RenderJob  # noqa: E402
-from bernini.server.store import JobStore  # noqa: E402
-from bernini.server.worker import Worker  # noqa: E402
-from bernini.testing import tiny_checkpoints  # noqa: E402
 
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"openai\..*")  # the SDK marks client.videos deprecated
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -75,11 +78,6 @@ def wait_until(check: Callable[[], Any], seconds: float, what: str, every: float
             return value
         time.sleep(every)
     pytest.fail(f"timed out after {seconds} s waiting for {what}")
-
-
-@pytest.fixture(scope="module")
-def config() -> str:
-    return str(tiny_checkpoints().diffusers)
 
 
 # ---------------------------------------------------------------- a server process

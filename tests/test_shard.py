@@ -20,7 +20,6 @@ from bernini.claims import Claim, Claims, Owner, claim_path
 from bernini.plan import CasePlan
 from bernini.runner import CaseRecord
 from bernini.shard import Shard, ShardRun, find_summaries, merge_summaries, parse_shard, resolve_shard, shard_from_env, share
-from bernini.testing import tiny_checkpoints
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--num_inference_steps", "2", "--height", "32", "--width", "48", "--max_image_size", "64", "--num_frames", "5", "--device", "cpu", "--dtype", "float32"]
@@ -439,11 +438,6 @@ def merge(*targets: Path) -> tuple[int, Path, dict[str, Any]]:
     proc = subprocess.run([sys.executable, "-m", "bernini", "summary", "merge", *map(str, targets)], cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
     path = Path(proc.stdout.strip())
     return proc.returncode, path, json.loads(path.read_text())
-
-
-@pytest.fixture(scope="module")
-def config() -> str:
-    return str(tiny_checkpoints().diffusers)
 
 
 def assert_written_once(out: Path, cases: list[str]) -> None:

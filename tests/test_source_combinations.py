@@ -9,13 +9,11 @@ tiny checkpoint and is compared with tests/official_reference.py, as test_fideli
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import official_reference as ref
 import pytest
-import torch
 from test_fidelity import errors, reference_inputs, render_ours, run_reference, target_latent_shape
 
 from bernini import main as entry
@@ -50,13 +48,7 @@ COMBINATIONS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: extra threads only add contention on a busy test machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

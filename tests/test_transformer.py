@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
 
-from bernini.models.rope import rope_tables
+from bernini.models import rope_tables
 from bernini.models.transformer import TransformerConfig, WanTransformer, linear_gelu, patchify, unpatchify
 
 TINY = dict(
@@ -69,7 +69,7 @@ def test_patchify_roundtrip_and_conv_equivalence(pair) -> None:
 def test_compiled_blocks_equal_eager(pair) -> None:
     import copy
 
-    from bernini.models.transformer import compile_blocks
+    from bernini.models import compile_blocks
 
     _, ours = pair
     compiled = copy.deepcopy(ours)

@@ -14,9 +14,9 @@ from diffusers import WanTransformer3DModel
 from safetensors.torch import load_file, save_file
 
 from bernini import weights
+from bernini.models import WanTransformer
 from bernini.testing import TINY_TRANSFORMER_CONFIG, TinyCheckpoints, tiny_checkpoints
 from bernini.weights import (
-    DEFAULT_KEEP_FP32,
     WeightsError,
     checkpoint_identity,
     find_expert_tensors,
@@ -82,12 +82,17 @@ def test_load_diffusers_folder_float32(tiny: TinyCheckpoints, reference: dict[st
     assert "transformer" in report.source
 
 
+def test_keep_fp32_is_diffusers_list() -> None:
+    # The one list (beside the model) is diffusers' own, less rope, whose frequencies are not stored.
+    assert set(WanTransformer.keep_fp32) == set(WanTransformer3DModel._keep_in_fp32_modules) - {"rope"}
+
+
 def test_default_dtype_is_bf16_with_fp32_modules(tiny: TinyCheckpoints, reference: dict[str, dict[str, torch.Tensor]]) -> None:
     model = empty_model()
     load_weights(model, find_safetensors(tiny.diffusers / "transformer"), device="cpu")
     kept = 0
     for key, value in model.state_dict().items():
-        if any(part in DEFAULT_KEEP_FP32 for part in key.split(".")):
+        if any(part in WanTransformer.keep_fp32 for part in key.split(".")):
             kept += 1
             assert value.dtype == torch.float32, key
             assert torch.equal(value, reference["high"][key]), key

@@ -19,11 +19,20 @@ from bernini.config import GenerationSettings, RuntimeConfig
 from bernini.demo.page import build_app
 from bernini.demo.service import DemoService, JobRunner
 from bernini.driver import Session
-from bernini.parallel.groups import LaunchEnv, Topology, build_topology, destroy_distributed, init_distributed
-from bernini.parallel.peers import DistPeers, LocalPeers
+from bernini.parallel import (
+    DistPeers,
+    DistWorld,
+    LaunchEnv,
+    LocalPeers,
+    Topology,
+    build_topology,
+    destroy_distributed,
+    device_for,
+    expert_heads,
+    init_distributed,
+)
 from bernini.parallel.runner import build_parser as multi_gpu_parser
 from bernini.parallel.runner import launch_env
-from bernini.parallel.world import DistWorld, device_for, expert_heads
 from bernini.runner import model_identity
 from bernini.world import LoadFailure
 
@@ -46,7 +55,7 @@ def build_parser(prog: str = "gradio_demo.py") -> argparse.ArgumentParser:
     parser.description = "Serve Bernini-R in the browser (README.md, 'Gradio demo'). Binds 127.0.0.1 unless told otherwise."
     hide_flags(parser, BATCH_ONLY)
     d = parser.add_argument_group("demo")
-    d.add_argument("--port", type=int, default=7860)
+    d.add_argument("--port", type=int, default=7860, help="TCP port of the page")
     d.add_argument("--listen", action="store_true", help=f"serve on {PUBLIC_HOST} (every interface), not {LOCALHOST}; needs --auth or --auth_file")
     d.add_argument("--share", action="store_true", help="also open a public gradio.live link; needs --auth or --auth_file")
     d.add_argument("--auth", metavar="USER:PASS", help="login for the page (required with --listen or --share)")

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from bernini.cases import Case, CaseError, check_task_inputs, parse_case
-from bernini.config import GenerationSettings
+from bernini.config import GenerationSettings, value_type
 from bernini.driver import Session
 from bernini.lora import LoraRef, resolve
-from bernini.parallel.peers import LocalPeers, Peers
+from bernini.parallel import LocalPeers, Peers
 from bernini.plan import CasePlan, plan_case
 from bernini.presets import get_preset
 from bernini.runner import CaseRecord, sidecar_path
@@ -21,10 +21,11 @@ from bernini.sampling import StepEvent
 from bernini.tasks import Task
 
 REQUEST_SOURCE = "request"  # how validation messages name a browser request (the CLI says the case file)
-INT_KNOBS = ("seed", "num_inference_steps", "num_frames", "max_image_size", "height", "width")
-FLOAT_KNOBS = ("fps", "flow_shift", "omega_vid", "omega_img", "omega_txt", "omega_scale", "omega_vid_low", "omega_img_low", "omega_txt_low")
-BOOL_KNOBS = ("use_unipc",)
-KNOBS = INT_KNOBS + FLOAT_KNOBS + BOOL_KNOBS + ("preset",)
+# The GenerationSettings fields the page sets; each converts to its field's type.
+KNOBS = (
+    "seed", "num_inference_steps", "num_frames", "max_image_size", "height", "width", "fps", "flow_shift",
+    "omega_vid", "omega_img", "omega_txt", "omega_scale", "omega_vid_low", "omega_img_low", "omega_txt_low", "use_unipc", "preset",
+)  # fmt: skip
 
 Enhance = Callable[[Case], tuple[str, dict[str, Any]]]
 
@@ -81,7 +82,7 @@ def settings_with(base: GenerationSettings, knobs: Mapping[str, Any]) -> Generat
             values[name] = get_preset(str(value)).name if value and value != "none" else None
             continue
         try:
-            values[name] = int(value) if name in INT_KNOBS else bool(value) if name in BOOL_KNOBS else float(value)
+            values[name] = value_type(GenerationSettings, name)(value)
         except (TypeError, ValueError):
             raise ValueError(f"invalid generation setting: {name} must be a number, got {value!r}") from None
     return replace(base, **values)

@@ -9,8 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bernini.weights.errors import WeightsError, first_line
-from bernini.weights.locate import PICKLE_SUFFIXES, hub_cache_dir, hub_offline, looks_like_repo_id
+from bernini.weights import PICKLE_SUFFIXES, WeightsError, first_line, hub_cache_dir, hub_offline, looks_like_repo_id
 
 log = logging.getLogger("bernini.lora")
 
@@ -89,11 +88,8 @@ def _hub_file(repo: str, filename: str | None) -> Path:
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def resolve(specs: Sequence[tuple[str, str]]) -> tuple[LoraRef, ...]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from bernini.weights.errors import MAX_EXAMPLES, first_line
+from bernini.weights import MAX_EXAMPLES, first_line
 
 log = logging.getLogger("bernini.lora")
 

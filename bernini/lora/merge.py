@@ -12,7 +12,7 @@ import torch
 
 from bernini.lora.files import LoraRef
 from bernini.lora.formats import Delta, read_lora
-from bernini.weights.errors import MAX_EXAMPLES
+from bernini.weights import MAX_EXAMPLES
 
 log = logging.getLogger("bernini.lora")
 
@@ -21,7 +21,7 @@ Shapes = Mapping[str, tuple[int, ...]]
 
 def model_shapes(config_file: Path) -> dict[str, tuple[int, ...]]:
     """Every state-dict key of the expert a transformer config.json describes, with its shape (built on meta)."""
-    from bernini.models.transformer import TransformerConfig, WanTransformer
+    from bernini.models import TransformerConfig, WanTransformer
 
     with torch.device("meta"):
         model = WanTransformer(TransformerConfig.from_dict(json.loads(Path(config_file).read_text())))

@@ -20,8 +20,11 @@ def resize_dims(width: int, height: int, max_size: int) -> tuple[int, int]:
     return new_w, new_h
 
 
-def snap_to_16(side: int, scale: float) -> int:
-    """Scale one side and round it to a multiple of 16 (Python round: half to even), at least 16."""
+def snap_to_16(side: int, scale: float = 1.0) -> int:
+    """Scale one side and round it to a multiple of 16 (Python round: half to even), at least 16.
+
+    The one snap rule: source media sides (via resize_dims) and the --width/--height of text-only tasks.
+    """
     return max(16, round(side * scale / 16) * 16)
 
 

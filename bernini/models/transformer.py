@@ -323,8 +323,9 @@ TextKV = list[tuple[torch.Tensor, torch.Tensor]]
 class WanTransformer(nn.Module):
     """One Bernini-R expert. Tokens in, per-token patch predictions [B, L, C*pt*ph*pw] out."""
 
-    # Parameters whose dotted name has one of these parts stay float32 (as diffusers keeps them; and FP8 weight scales).
-    keep_fp32 = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3", "weight_scale")
+    # Parameters whose dotted name has one of these parts stay float32 when loaded (the weight loader's
+    # default): diffusers' WanTransformer3DModel._keep_in_fp32_modules, minus "rope" (no stored weights).
+    keep_fp32: tuple[str, ...] = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
 
     def __init__(self, cfg: TransformerConfig, sequence: LocalSequence | None = None, chunk_tokens: int = 0):
         super().__init__()

@@ -19,8 +19,6 @@ class VAE:
         cfg = model.config
         self.mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
         self.std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
-        self.temporal_stride = 2 ** sum(cfg.temperal_downsample)
-        self.spatial_stride = 2 ** (len(cfg.dim_mult) - 1)
 
     @classmethod
     def load(cls, base: Path, *, device: torch.device | str) -> "VAE":
@@ -33,9 +31,6 @@ class VAE:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        return (16, (frames - 1) // self.temporal_stride + 1, height // self.spatial_stride, width // self.spatial_stride)
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,7 @@ import torch
 import torch.distributed as dist
 
 from bernini.attention import attention
-from bernini.models.rope import apply_rope
-from bernini.models.transformer import LocalSequence
+from bernini.models import LocalSequence, apply_rope
 from bernini.parallel.groups import all_gather_into
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from bernini.config import GenerationSettings, RuntimeConfig
-from bernini.models.transformer import LocalSequence
+from bernini.models import LocalSequence
 from bernini.offload.sizes import Workload, workload_of
 from bernini.parallel.cfg import CfgCombos
 from bernini.parallel.groups import Groups, LaunchEnv, Topology, balance
@@ -40,7 +40,7 @@ T = TypeVar("T")
 
 def expert_heads(sources: ModelSources) -> int:
     """The experts' attention heads, read from their config.json before any model loads."""
-    from bernini.models.transformer import TransformerConfig
+    from bernini.models import TransformerConfig
     from bernini.pipeline import EXPERT_FOLDERS
 
     heads = set()

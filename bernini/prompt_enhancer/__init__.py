@@ -1,31 +1,15 @@
-"""Rewrite user prompts through an OpenAI-compatible chat-completions endpoint (--use_pe)."""
+"""Rewrite user prompts through an OpenAI-compatible chat-completions endpoint (--use_pe).
 
-from bernini.prompt_enhancer.attachments import FRAMES_PER_VIDEO
-from bernini.prompt_enhancer.attachments import _upright as _upright  # tested directly
-from bernini.prompt_enhancer.cache import cache_key
-from bernini.prompt_enhancer.enhancer import (
-    MAX_COMPLETION_TOKENS,
-    ClientFactory,
-    PromptEnhancer,
-    PromptEnhancerError,
-    backoff_delay,
-)
-from bernini.prompt_enhancer.errors import PEConfigError
+Exports what callers outside the package use, and its errors; the instruction texts are in
+`templates`, the other parts in their modules (attachments, messages, cache, settings, enhancer).
+"""
+
+from bernini.prompt_enhancer.enhancer import PromptEnhancer, backoff_delay
+from bernini.prompt_enhancer.errors import PEConfigError, PromptEnhancerError
 from bernini.prompt_enhancer.messages import build_messages
-from bernini.prompt_enhancer.settings import (
-    DEFAULT_MODEL,
-    MAX_BACKOFF_S,
-    NO_KEY_ERROR,
-    ON_ERROR_CHOICES,
-    PEResult,
-    PESettings,
-    PEStatus,
-    default_cache_dir,
-    resolve_model,
-)
+from bernini.prompt_enhancer.settings import DEFAULT_MODEL, NO_KEY_ERROR, PEResult, PESettings
 
 __all__ = [
-    "DEFAULT_MODEL", "FRAMES_PER_VIDEO", "MAX_BACKOFF_S", "MAX_COMPLETION_TOKENS", "NO_KEY_ERROR", "ON_ERROR_CHOICES",
-    "ClientFactory", "PEConfigError", "PEResult", "PESettings", "PEStatus", "PromptEnhancer", "PromptEnhancerError", "backoff_delay",
-    "build_messages", "cache_key", "default_cache_dir", "resolve_model",
+    "DEFAULT_MODEL", "NO_KEY_ERROR", "PEConfigError", "PEResult", "PESettings", "PromptEnhancer", "PromptEnhancerError",
+    "backoff_delay", "build_messages",
 ]

@@ -6,11 +6,11 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from bernini.pe_templates import MediaPolicy
+from bernini.media import sample_preview_frames
+from bernini.prompt_enhancer.templates import MediaPolicy
 
 FRAMES_PER_VIDEO = 3
 
@@ -47,66 +47,10 @@ def _plan_media(
     return _MediaPlan(videos=video_paths[:1], frames_per_video=1)
 
 
-def _frame_indices(total: int, count: int) -> list[int]:
-    """Evenly spread indices from the first to the last frame (first/middle/last for 3)."""
-    if count == 1:
-        return [0]
-    return [round(i * (total - 1) / (count - 1)) for i in range(count)]
-
-
-def _video_stream(container: Any, path: Path) -> Any:
-    if not container.streams.video:
-        raise ValueError(f"{path}: no video stream")
-    return container.streams.video[0]
-
-
-def _count_frames(path: Path) -> int:
-    """Frames in the first video stream, decoding when the container does not say."""
-    import av  # heavy import, only needed for video tasks
-
-    with av.open(str(path)) as container:
-        stream = _video_stream(container, path)
-        if stream.frames > 0:
-            return stream.frames
-        return sum(1 for _ in container.decode(stream))
-
-
 def _read_video_frames(path: Path, count: int) -> list[bytes]:
-    """`count` evenly spread frames of a video, PNG-encoded."""
-    import av  # heavy import, only needed for video tasks
-
-    total = _count_frames(path)
-    if total < 1:
-        raise ValueError(f"{path}: video has no frames")
-    wanted = _frame_indices(total, count)
-    picked: dict[int, bytes] = {}
-    with av.open(str(path)) as container:
-        frame = None
-        for index, frame in enumerate(container.decode(_video_stream(container, path))):
-            if index in wanted:
-                picked[index] = _encode_frame(frame)
-            if index >= wanted[-1]:
-                break
-        if frame is None:
-            raise ValueError(f"{path}: could not decode any frame")
-        # Container frame counts can overstate; the real last frame stands in for indices past it.
-        tail = picked.get(wanted[-1]) or _encode_frame(frame)
-    return [picked.get(i, tail) for i in wanted]
-
-
-def _encode_frame(frame: Any) -> bytes:
-    """A decoded PyAV frame as upright PNG bytes."""
-    return _png_bytes(_upright(frame.to_image(), frame.rotation))
-
-
-def _upright(image: Image.Image, rotation_ccw: float) -> Image.Image:
-    """Undo the display-matrix rotation (PyAV reports degrees counter-clockwise) of a frame."""
-    # Phone videos are often stored sideways; the model should see them the way players show them.
-    quarter_turns = round(rotation_ccw / 90) % 4
-    if quarter_turns == 0:
-        return image
-    turns = (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)
-    return image.transpose(turns[quarter_turns - 1])
+    """`count` evenly spread, upright frames of a video (first/middle/last for 3), PNG-encoded."""
+    # bernini.media owns frame picking and the PyAV differences between versions (media/container.py).
+    return [_png_bytes(frame) for frame in sample_preview_frames(path, count)]
 
 
 def _png_bytes(image: Image.Image) -> bytes:

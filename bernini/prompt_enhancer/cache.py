@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bernini.pe_templates import TEMPLATE_VERSION
 from bernini.prompt_enhancer.messages import _template_for
+from bernini.prompt_enhancer.templates import TEMPLATE_VERSION
 
 logger = logging.getLogger(__package__)  # "bernini.prompt_enhancer" in every module, as log lines always read
 

@@ -11,12 +11,6 @@ from typing import Any
 
 import openai
 
-from bernini.pe_templates import (
-    TASK_TEMPLATES,
-    TEMPLATE_VERSION,
-    MediaPolicy,
-    TaskTemplate,
-)
 from bernini.prompt_enhancer.attachments import _MediaPlan, _plan_media
 from bernini.prompt_enhancer.cache import _PromptCache, cache_key
 from bernini.prompt_enhancer.errors import PromptEnhancerError
@@ -35,6 +29,12 @@ from bernini.prompt_enhancer.settings import (
     PEStatus,
     _first_env,
     resolve_model,
+)
+from bernini.prompt_enhancer.templates import (
+    TASK_TEMPLATES,
+    TEMPLATE_VERSION,
+    MediaPolicy,
+    TaskTemplate,
 )
 
 logger = logging.getLogger(__package__)  # "bernini.prompt_enhancer" in every module, as log lines always read

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bernini.pe_templates import TASK_TEMPLATES, TaskTemplate, render_user_text
 from bernini.prompt_enhancer.attachments import _load_media, _MediaPlan, _plan_media
+from bernini.prompt_enhancer.templates import TASK_TEMPLATES, TaskTemplate, render_user_text
 
 _FENCE_RE = re.compile(r"^```[\w-]*[ \t]*\n?(.*?)\n?```$", re.DOTALL)
 _QUOTE_PAIRS = (('"', '"'), ("'", "'"), ("\u201c", "\u201d"), ("\u2018", "\u2019"))

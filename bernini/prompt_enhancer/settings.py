@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from bernini.pe_templates import TEMPLATE_VERSION
 from bernini.prompt_enhancer.errors import PEConfigError
+from bernini.prompt_enhancer.templates import TEMPLATE_VERSION
 
 DEFAULT_MODEL = "gpt-5.4-2026-03-05"
 MAX_BACKOFF_S = 8.0

@@ -13,17 +13,19 @@ from typing import Any
 from PIL import Image
 
 from bernini.cases import CaseError
-from bernini.config import GenerationSettings
+from bernini.config import GenerationSettings, value_type
 from bernini.server.uploads import MEDIA_FIELDS, Body, Upload
 from bernini.tasks import TASKS
 
 SOURCE = "request"  # how messages name the request (the CLI names the case file)
 OPENAI_KEYS = ("prompt", "model", "size", "seconds", "input_reference")
 CASE_KEYS = ("task_type", "guidance_mode", "video", "image", "images")
-INT_SETTINGS = ("seed", "num_frames", "num_inference_steps", "max_image_size", "height", "width")
-FLOAT_SETTINGS = ("fps", "flow_shift", "omega_vid", "omega_img", "omega_txt", "omega_scale", "eta", "momentum")
-TEXT_SETTINGS = ("neg_prompt",)
-ALLOWED = OPENAI_KEYS + CASE_KEYS + INT_SETTINGS + FLOAT_SETTINGS + TEXT_SETTINGS
+# The GenerationSettings fields a request may set; each converts to its field's type (int, float or text).
+SETTINGS = (
+    "seed", "num_frames", "num_inference_steps", "max_image_size", "height", "width",
+    "fps", "flow_shift", "omega_vid", "omega_img", "omega_txt", "omega_scale", "eta", "momentum", "neg_prompt",
+)  # fmt: skip
+ALLOWED = OPENAI_KEYS + CASE_KEYS + SETTINGS
 MAX_SECONDS = 600.0
 _SIZE = re.compile(r"^\s*(\d{2,5})\s*[xX*]\s*(\d{2,5})\s*$")
 
@@ -113,17 +115,13 @@ def _whole(value: float) -> int:
 
 def _settings(values: dict[str, Any], base: GenerationSettings) -> GenerationSettings:
     changes: dict[str, Any] = {}
-    for key in INT_SETTINGS:
-        if values.get(key) is not None:
-            changes[key] = _number(key, values[key], int)
-    for key in FLOAT_SETTINGS:
-        if values.get(key) is not None:
-            changes[key] = _number(key, values[key], float)
-    for key in TEXT_SETTINGS:
-        if values.get(key) is not None:
-            if not isinstance(values[key], str):
-                raise fail(key, f"must be a string, got {values[key]!r}")
-            changes[key] = values[key]
+    for key in SETTINGS:
+        if values.get(key) is None:
+            continue
+        kind = value_type(GenerationSettings, key)
+        if kind is str and not isinstance(values[key], str):
+            raise fail(key, f"must be a string, got {values[key]!r}")
+        changes[key] = values[key] if kind is str else _number(key, values[key], kind)
     if values.get("size") is not None:
         if "width" in changes or "height" in changes:
             raise fail("size", "give size ('WxH') or width and height, not both")

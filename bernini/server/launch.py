@@ -15,11 +15,20 @@ import torch
 
 from bernini.cli import BATCH_ONLY, hide_flags, runtime_from, settings_from
 from bernini.config import GenerationSettings, RuntimeConfig
-from bernini.parallel.groups import LaunchEnv, Topology, build_topology, destroy_distributed, init_distributed
-from bernini.parallel.peers import DistPeers, LocalPeers
+from bernini.parallel import (
+    DistPeers,
+    DistWorld,
+    LaunchEnv,
+    LocalPeers,
+    Topology,
+    build_topology,
+    destroy_distributed,
+    device_for,
+    expert_heads,
+    init_distributed,
+)
 from bernini.parallel.runner import build_parser as multi_gpu_parser
 from bernini.parallel.runner import launch_env
-from bernini.parallel.world import DistWorld, device_for, expert_heads
 from bernini.runner import model_identity
 from bernini.server.auth import LOCALHOST, TOKEN_ENV, Access, Limits, access_for
 from bernini.server.folders import Redactor, ServerFolders

@@ -12,7 +12,7 @@ import torch
 from bernini.cases import Case, CaseError, parse_case
 from bernini.config import GenerationSettings
 from bernini.driver import Session
-from bernini.parallel.peers import LocalPeers, Peers
+from bernini.parallel import LocalPeers, Peers
 from bernini.plan import CasePlan, plan_case
 from bernini.runner import CaseRecord
 from bernini.sampling import StepEvent

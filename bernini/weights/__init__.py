@@ -1,80 +1,26 @@
-"""Locate Bernini-R / Wan2.2 checkpoints and load their safetensors into meta-device modules."""
+"""Locate Bernini-R / Wan2.2 checkpoints and load their safetensors into meta-device modules.
 
-from bernini.weights.check import check_expert, expected_tensors, expert_key_sources, preflight, read_config
+Exports what callers outside the package use; the helpers behind them stay in their modules
+(locate, keys, load, check, identity, errors).
+"""
+
+from bernini.weights.check import preflight
 from bernini.weights.errors import MAX_EXAMPLES, CheckpointError, WeightsError, first_line
-from bernini.weights.identity import checkpoint_identity, identity_files
-from bernini.weights.keys import (
-    EMA_PREFIX,
-    EXPERT_PREFIXES,
-    EXPERT_SUBFOLDERS,
-    NAMESPACE_PREFIXES,
-    expert_folder,
-    expert_prefixes,
-    find_expert_tensors,
-    is_namespaced,
-    select_expert_keys,
-    strip_prefix,
-)
-from bernini.weights.load import (
-    DEFAULT_KEEP_FP32,
-    LoadReport,
-    Slot,
-    Source,
-    as_source_list,
-    assign_tensors,
-    cast_tensor,
-    check_shapes,
-    check_unsaved_buffers,
-    collect_slots,
-    describe_sources,
-    group_by_file,
-    load_weights,
-    log_report,
-    missing_message,
-    normalize_source,
-    place_unsaved_buffers,
-    plan_loading,
-    put_tensor,
-    retie_weights,
-    safetensors_device,
-    tied_key_planned,
-    unsaved_buffers,
-)
+from bernini.weights.identity import checkpoint_identity
+from bernini.weights.keys import find_expert_tensors, select_expert_keys
+from bernini.weights.load import cast_tensor, load_weights, normalize_source
 from bernini.weights.locate import (
-    INDEX_NAMES,
-    PICKLE_ADVICE,
     PICKLE_SUFFIXES,
-    REPO_ID_PATTERN,
     TensorRef,
-    empty_directory_message,
-    fetch_instructions,
-    fetch_snapshot,
-    find_in_directory,
-    find_in_file,
-    find_index,
     find_safetensors,
     hub_cache_dir,
     hub_offline,
-    looks_like_pickled,
     looks_like_repo_id,
-    patterns_for,
-    pickle_message,
-    read_header_keys,
-    read_index,
     resolve_model_dir,
-    try_snapshot,
 )
 
 __all__ = [
-    "PICKLE_ADVICE", "CheckpointError", "check_expert", "expected_tensors", "expert_key_sources", "looks_like_pickled", "preflight", "read_config",
-    "DEFAULT_KEEP_FP32", "EMA_PREFIX", "EXPERT_PREFIXES", "EXPERT_SUBFOLDERS", "INDEX_NAMES", "MAX_EXAMPLES",
-    "NAMESPACE_PREFIXES", "PICKLE_SUFFIXES", "REPO_ID_PATTERN", "LoadReport", "Slot", "Source", "TensorRef",
-    "WeightsError", "as_source_list", "assign_tensors", "cast_tensor", "check_shapes", "check_unsaved_buffers",
-    "checkpoint_identity", "collect_slots", "describe_sources", "empty_directory_message", "expert_folder",
-    "expert_prefixes", "fetch_instructions", "fetch_snapshot", "find_expert_tensors", "find_in_directory",
-    "find_in_file", "find_index", "find_safetensors", "first_line", "group_by_file", "hub_cache_dir", "hub_offline",
-    "identity_files", "is_namespaced", "load_weights", "log_report", "looks_like_repo_id", "missing_message",
-    "normalize_source", "patterns_for", "pickle_message", "place_unsaved_buffers", "plan_loading", "put_tensor",
-    "read_header_keys", "read_index", "resolve_model_dir", "retie_weights", "safetensors_device", "select_expert_keys",
-    "strip_prefix", "tied_key_planned", "try_snapshot", "unsaved_buffers",
+    "MAX_EXAMPLES", "PICKLE_SUFFIXES", "CheckpointError", "TensorRef", "WeightsError", "cast_tensor", "checkpoint_identity",
+    "find_expert_tensors", "find_safetensors", "first_line", "hub_cache_dir", "hub_offline", "load_weights", "looks_like_repo_id",
+    "normalize_source", "preflight", "resolve_model_dir", "select_expert_keys",
 ]

@@ -79,7 +79,7 @@ def expected_tensors(config: Mapping[str, Any], path: Path, fp8_blocks: bool = F
     import torch  # lazily, with the model: `import bernini.weights` stays light
 
     from bernini import convert
-    from bernini.models.transformer import TransformerConfig, WanTransformer
+    from bernini.models import TransformerConfig, WanTransformer
 
     try:
         cfg = TransformerConfig.from_dict(dict(config))

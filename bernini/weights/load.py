@@ -11,13 +11,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from bernini.models import WanTransformer
 from bernini.weights.errors import MAX_EXAMPLES, WeightsError
 from bernini.weights.locate import TensorRef
 
 logger = logging.getLogger(__package__)  # "bernini.weights" in every module, as log lines always read
-
-# diffusers' WanTransformer3DModel._keep_in_fp32_modules, minus "rope" (it has no stored weights).
-DEFAULT_KEEP_FP32: tuple[str, ...] = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
 
 Source = Mapping[str, Path | str | TensorRef]
 Transform = Callable[[str, torch.Tensor], torch.Tensor]  # (model key, tensor as read) -> the tensor to keep
@@ -52,7 +50,7 @@ def load_weights(
     *,
     device: torch.device | str,
     dtype: torch.dtype | None = torch.bfloat16,
-    keep_fp32: tuple[str, ...] = DEFAULT_KEEP_FP32,
+    keep_fp32: tuple[str, ...] = WanTransformer.keep_fp32,
     strict: bool = True,
     transform: Transform | None = None,
 ) -> LoadReport:
@@ -60,7 +58,8 @@ def load_weights(
 
     ``sources`` is one mapping or several in priority order (later ones fill keys missing
     from earlier ones); values are a file (file key = model key) or a ``(file, file_key)`` pair.
-    Floating tensors are cast to ``dtype`` except those with a name component in ``keep_fp32``;
+    Floating tensors are cast to ``dtype`` except those with a name component in ``keep_fp32``
+    (by default the model's own list, WanTransformer.keep_fp32);
     ``transform`` (e.g. a LoRA merge) sees each tensor as read, before that cast.
     """
     normalized = [normalize_source(source) for source in as_source_list(sources)]

@@ -12,10 +12,10 @@ import torch
 import torch.distributed as dist
 
 from bernini.guidance import I_C, I_U, NONE_U
-from bernini.models.transformer import LocalSequence
-from bernini.parallel.cfg import CfgCombos
-from bernini.parallel.groups import LaunchEnv, build_topology, destroy_distributed, init_distributed
-from bernini.parallel.ulysses import UlyssesSequence
+from bernini.models import LocalSequence
+from bernini.parallel import CfgCombos
+from bernini.parallel import LaunchEnv, build_topology, destroy_distributed, init_distributed
+from bernini.parallel import UlyssesSequence
 
 
 def check_ulysses(sequence: UlyssesSequence, device: torch.device, dtype: torch.dtype, tol: float) -> None:

@@ -17,8 +17,8 @@ import torch
 
 from bernini.cases import load_case_file
 from bernini.config import RuntimeConfig
-from bernini.parallel.groups import LaunchEnv, build_topology, destroy_distributed, init_distributed
-from bernini.parallel.world import DistWorld, expert_heads
+from bernini.parallel import LaunchEnv, build_topology, destroy_distributed, init_distributed
+from bernini.parallel import DistWorld, expert_heads
 from bernini.pipeline import resolve_sources
 from bernini.plan import plan_case
 

@@ -11,8 +11,8 @@ import torch
 
 from bernini.cases import load_case_file
 from bernini.config import GenerationSettings, RuntimeConfig
-from bernini.parallel.groups import LaunchEnv, build_topology, destroy_distributed, init_distributed
-from bernini.parallel.world import assign_cases, expert_heads, placement_for
+from bernini.parallel import LaunchEnv, build_topology, destroy_distributed, init_distributed
+from bernini.parallel import assign_cases, expert_heads, placement_for
 from bernini.pipeline import Renderer, resolve_sources
 from bernini.plan import plan_case
 
