@@ -1,13 +1,21 @@
-"""Peak GPU memory and seconds per step per memory plan, through the real pipeline with full-size random weights.
+"""Peak GPU and host memory and seconds per step per memory plan, through the real pipeline with full-size random weights.
 
 python benchmarks/bench_memory.py --modes t2v_apg v2v_apg --plans none expert block fp8-none fp8-block --steps 2 [--json out.json]
 python benchmarks/bench_memory.py --modes t2v_apg --plans auto --max_gpu_memory 23   # what a 24 GB card gets
-Plans: none | expert | block with bf16 weights, fp8-none | fp8-block with FP8 block weights, auto | fp8-auto as the runner
-would choose for the free memory (capped by --max_gpu_memory). Peaks are also given per phase (text encoding, denoising
-steps, decode). Each plan gets fresh experts
-(same seeds, so the latents of lossless plans must equal none's: the table shows the difference). 2 steps are one
-'high' and one 'low' step at 480p, so the expert switch is inside the measurement. --max_gpu_memory GiB caps the
-allocator as a smaller card would. Needs a tiny checkpoint for the tokenizer and scheduler (python -m bernini.testing make-tiny .tiny).
+python benchmarks/bench_memory.py --modes t2v_apg v2v_apg rv2v --steps 2 1 1 --plans none fp8-auto-disk auto-disk \\
+    --max_gpu_memory 11 --host_memory 32                                              # a 12 GB card with 32 GB of host memory
+
+Plans: none | expert | block with bf16 weights, fp8-none | fp8-block with FP8 block weights (all uncapped), auto | fp8-auto as
+the runner would choose for the free memory, capped by --max_gpu_memory (the allocator too) and --host_memory, and
+auto-disk | fp8-auto-disk the same with the experts in files the plan may read back block by block (bf16, and FP8 as
+`bernini convert` writes it; the conversion is timed). Both experts share one set of random weights (one file serves
+both; the switch still reads the other expert back), so every lossless plan's latents must equal none's: the table says.
+Peaks per phase (text, media encode, denoise steps, decode) are the allocator's; host is the process's peak resident
+memory (pinned buffers included) per plan, with the plan's expected peaks beside. --steps: one count, or one per mode;
+2 steps are one 'high' and one 'low' step at 480p, so the expert switch is inside the measurement (a 40-step case
+has the same two switches). Each plan first renders one step (warm-up: kernels, allocator, a block pool's first
+fill); the expert files' page cache is dropped after it, so a switch reads from the disk.
+Needs a tiny checkpoint for the tokenizer and scheduler (python -m bernini.testing make-tiny .tiny).
 """
 
 from __future__ import annotations
@@ -16,7 +24,10 @@ import argparse
 import dataclasses
 import gc
 import logging
+import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,160 +39,271 @@ import torch
 
 from benchmarks.bench_pipeline import UMT5_XXL, build_renderer, synthetic_case
 from benchmarks.common import A14B, device_name, random_expert, rel_error, write_json
-from bernini import attention, fp8, memory, offload
+from bernini import attention, convert, fp8, offload, weights
+from bernini.cases import Case
 from bernini.conditioning import Conditions
 from bernini.config import GenerationSettings, RuntimeConfig
-from bernini.models import WanTransformer, compile_blocks
-from bernini.offload import ExpertStore, GiB, MemoryPlan
-from bernini.pipeline import Renderer, cap_gpu_memory
-from bernini.plan import CasePlan
+from bernini.models import WanTransformer, compile_blocks, fuse_projections
+from bernini.offload import ExpertStore, GiB, MemoryPlan, sizes
+from bernini.pipeline import Renderer, block_finisher, cap_gpu_memory
+from bernini.plan import CasePlan, MediaPlan, latent_grid
 from bernini.sampling import StepEvent
 
-PLANS = {"none": ("none", "bf16"), "expert": ("expert", "bf16"), "block": ("block", "bf16"), "fp8-none": ("none", "fp8"), "fp8-block": ("block", "fp8"),
-         "auto": ("auto", "bf16"), "fp8-auto": ("auto", "fp8")}
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    offload: str  # none | expert | block | auto
+    weights: str  # bf16 | fp8
+    disk: bool = False  # the experts are files the plan may read back (else: built in memory, every expert pinned)
+
+    @property
+    def capped(self) -> bool:
+        return self.offload == "auto"
+
+
+PLANS = {"none": Spec("none", "bf16"), "expert": Spec("expert", "bf16"), "block": Spec("block", "bf16"), "fp8-none": Spec("none", "fp8"),
+         "fp8-block": Spec("block", "fp8"), "auto": Spec("auto", "bf16"), "fp8-auto": Spec("auto", "fp8"),
+         "auto-disk": Spec("auto", "bf16", True), "fp8-auto-disk": Spec("auto", "fp8", True)}
 VAE_BYTES = 508 * 10**6  # the Wan2.1 VAE's safetensors
+SEED = 0
 
 
-def a14b_sizes() -> memory.ModelSizes:
+def a14b_sizes() -> sizes.ModelSizes:
     tcfg = dict(dataclasses.asdict(A14B))
-    return memory.ModelSizes(memory.transformer_params(tcfg), 2, memory.umt5_encoder_params({**UMT5_XXL, "model_type": "umt5"}),
-                             VAE_BYTES, A14B.dim, A14B.ffn_dim, A14B.num_layers)
+    text = {**UMT5_XXL, "model_type": "umt5"}
+    return sizes.ModelSizes(sizes.transformer_params(tcfg), 2, sizes.umt5_encoder_params(text), VAE_BYTES, A14B.dim, A14B.ffn_dim, A14B.num_layers,
+                            fp32_params=sizes.transformer_fp32_params(tcfg), text_unit_params=sizes.umt5_embedding_params(text))
 
 
-def build_experts(offload_mode: str, weights_format: str, device: torch.device, compile: bool) -> dict[str, WanTransformer]:
-    """Fresh random experts in the plan's storage: each is converted and packed before the next one is made."""
-    use_scaled_mm = weights_format == "fp8" and fp8.scaled_mm_supported(device)
+# --------------------------------------------------------------------------- host memory of the process
+
+
+def reset_host_peak() -> bool:
+    """Reset the kernel's peak-resident counter (VmHWM) of this process; False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def host_peak_gib() -> float:
+    """Peak resident memory of this process since the last reset (pinned pages are resident pages)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / GiB
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB
+
+
+# --------------------------------------------------------------------------- experts: in memory, or files read back
+
+
+@dataclasses.dataclass
+class Files:
+    """The experts written once: bf16 and FP8 (as `bernini convert` writes them), and how long the FP8 conversion took."""
+
+    root: Path
+    convert_s: float | None = None
+    convert_gb: float = 0.0
+    write_bf16_s: float | None = None
+
+    def folder(self, weights_format: str) -> Path:
+        return self.root / weights_format
+
+
+def write_files(root: Path, formats: set[str]) -> Files:
+    files = Files(root)
+    need = {"bf16": 29e9, "fp8": 15e9}
+    free = shutil.disk_usage(root).free
+    if free < sum(need[f] for f in formats) * 1.05:
+        raise SystemExit(f"{root}: {free / 1e9:.0f} GB free, {sum(need[f] for f in formats) / 1e9:.0f} GB needed for {sorted(formats)}; pass --files DIR elsewhere")
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(A14B).items()}
+    identity = {"random": f"seed {SEED}"}
+    if "bf16" in formats:
+        model = random_expert(seed=SEED)
+        start = time.perf_counter()
+        convert.write_expert(model, files.folder("bf16"), "bf16", config, identity)
+        files.write_bf16_s = time.perf_counter() - start
+        del model
+    if "fp8" in formats:
+        model = random_expert(seed=SEED)
+        torch.cuda.synchronize()
+        start = time.perf_counter()  # the one-time conversion: quantize each block on the GPU, write it
+        files.convert_gb = convert.write_expert(model, files.folder("fp8"), "fp8", config, identity) / 1e9
+        files.convert_s = time.perf_counter() - start
+        del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    print(f"files: bf16 written in {files.write_bf16_s or 0:.1f} s; fp8 conversion {files.convert_gb:.1f} GB in {files.convert_s or 0:.1f} s (one expert)", flush=True)
+    return files
+
+
+def drop_page_cache(folder: Path) -> None:
+    """Ask the kernel to forget the files' cached pages, so the first reads come from the disk (this host has more RAM than 32 GB)."""
+    for file in folder.glob("*.safetensors"):
+        with open(file, "rb") as f:
+            try:
+                os.fsync(f.fileno())  # dirty pages are not dropped
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            except (OSError, AttributeError) as exc:
+                print(f"cannot drop the page cache of {file.name} ({exc}): reads may come from memory", flush=True)
+                return
+
+
+def lazy_expert(folder: Path, weights_format: str, device: torch.device) -> WanTransformer:
+    """An expert whose blocks stay in ``folder`` until the store reads them (what Renderer.load does for such plans)."""
+    with torch.device("meta"):
+        model = WanTransformer(A14B)
+    keys = {k: (f, k) for k, f in weights.find_safetensors(folder).items()}
+    if weights_format == "fp8":
+        convert.fp8_shells(model, "fp8", device)
+    fuse_projections(model)  # the empty blocks: the files' to_q, to_k and to_v rows are read into to_qkv
+    offload.load_lazily(model, [keys], device=device, dtype=torch.bfloat16, keep_fp32=WanTransformer.keep_fp32 + fp8.KEEP_FP32)
+    return model.eval().requires_grad_(False)
+
+
+def memory_experts(plan: MemoryPlan, device: torch.device) -> dict[str, WanTransformer]:
+    """Random experts in the plan's storage, built in memory: each block finished as Renderer.load does (fused QKV,
+    FP8, a pinned host copy) before the next expert is made."""
     experts = {}
-    for seed, name in enumerate(("high", "low")):
-        model = random_expert(seed=seed)
+    for name in ("high", "low"):
+        model = random_expert(seed=SEED)
+        finish = block_finisher(model, plan, device)
         for block in model.blocks:
-            if weights_format == "fp8":
-                fp8.quantize_linears(block, use_scaled_mm)
-            if offload_mode != "none":
-                offload.host_copy(block, pin=True)
-        if compile:
-            compile_blocks(model)
+            finish(block)
         experts[name] = model
     return experts
 
 
-def host_to_device_gbps(copy: offload.HostCopy, repeat: int = 3) -> float:
-    """H2D bandwidth of one packed block from its (pinned) host buffer, as the store copies it."""
-    target = torch.empty(copy.nbytes, dtype=torch.uint8, device="cuda")
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeat):
-        target.copy_(copy.buffer, non_blocking=True)
-    end.record()
-    end.synchronize()
-    return repeat * copy.nbytes / (start.elapsed_time(end) / 1000) / 1e9
+# --------------------------------------------------------------------------- one plan
 
 
 def release(renderer: Renderer) -> None:
     """Drop the previous plan's experts (and their pinned host copies) before building the next."""
+    renderer.store.close()
     renderer.experts = {}
     renderer.store = ExpertStore({})
-    renderer.text_encoder.model.to("cpu")
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction(1.0)
 
 
-def install(renderer: Renderer, name: str, load: memory.Workload, args: argparse.Namespace) -> MemoryPlan:
+def install(renderer: Renderer, name: str, load: sizes.Workload, args: argparse.Namespace, files: Files | None) -> MemoryPlan:
     """Plan for the free memory now, build the experts that way, and place UMT5 and the VAE as the plan says."""
     release(renderer)
-    requested, weights_format = PLANS[name]
+    spec = PLANS[name]
     device = renderer.device
-    plan = offload.plan_memory(a14b_sizes(), load, dtype="bfloat16", weights_format=weights_format, offload=requested, t5_cpu=args.t5_cpu,
-                               gpu_free=memory.gpu_free_bytes(str(device)), host_free=memory.host_free_bytes(), max_gpu_memory=args.max_gpu_memory)
-    offload_mode = plan.offload
-    logging.getLogger("bench").info("%s: %s", name, plan.describe())
+    stored = spec.weights if spec.disk else None
+    plan = offload.plan_memory(a14b_sizes(), load, dtype="bfloat16", weights_format=spec.weights, offload=spec.offload, t5_cpu=args.t5_cpu,
+                               gpu_free=sizes.gpu_free_bytes(str(device)), host_free=sizes.host_free_bytes(),
+                               max_gpu_memory=args.max_gpu_memory if spec.capped else None, host_memory=args.host_memory if spec.capped else None, stored=stored)
+    print(f"{name}: {plan.describe()}", flush=True)
+    offload.require_fit(plan)
     clock = time.perf_counter()
-    experts = build_experts(offload_mode, weights_format, device, args.compile)
+    if plan.reads_blocks:
+        assert files is not None
+        experts = {e: lazy_expert(files.folder(spec.weights), spec.weights, device) for e in ("high", "low")}
+    else:
+        experts = memory_experts(plan, device)
+    for model in experts.values():
+        model.chunk_tokens = plan.chunk_tokens
+        if args.compile:
+            compile_blocks(model)
     renderer.experts = experts
-    renderer.store = ExpertStore(experts, offload_mode, device, plan.prefetch_bytes)
+    renderer.store = ExpertStore(experts, plan.offload, device, plan.prefetch_bytes, plan.host_blocks)
     renderer.memory_plan = plan
-    renderer.runtime = dataclasses.replace(renderer.runtime, offload=offload_mode, weights=weights_format, max_gpu_memory=args.max_gpu_memory,
-                                           batch_combos=plan.batch_combos)
+    renderer.runtime = dataclasses.replace(renderer.runtime, offload=plan.offload, weights=spec.weights, batch_combos=plan.batch_combos)
     renderer.place_text_encoder()
     (renderer.vae.model.enable_tiling if plan.vae_tiling else renderer.vae.model.disable_tiling)()
-    cap_gpu_memory(args.max_gpu_memory, device)
+    if spec.capped:
+        cap_gpu_memory(args.max_gpu_memory, device)
     torch.cuda.synchronize()
-    print(f"{name}: experts built and placed in {time.perf_counter() - clock:.1f} s")
-    if offload_mode != "none":
-        first = renderer.store.blocks["high"][0]
-        print(f"{name}: block copy {first.nbytes / GiB:.2f} GiB, pinned {first.pinned}, host->GPU {host_to_device_gbps(first):.1f} GB/s")
+    print(f"{name}: experts built and placed in {time.perf_counter() - clock:.1f} s", flush=True)
     return plan
 
 
-def use_source(renderer: Renderer, video: torch.Tensor | None) -> None:
-    """The synthetic v2v case's source video, VAE-encoded where the renderer encodes its conditions."""
-    if video is not None:
-        renderer.encode_conditions = lambda c, s, _v=video: Conditions(videos=(renderer.encode_pixels(_v),))  # type: ignore[method-assign]
+# --------------------------------------------------------------------------- cases
 
 
-def render_case(renderer: Renderer, case_plan: tuple[Any, CasePlan, torch.Tensor | None], settings: GenerationSettings,
-                on_step: Callable[[StepEvent], None] | None = None) -> tuple[Any, list[StepEvent]]:
-    case, plan, video = case_plan
-    if "encode_conditions" not in renderer.__dict__:
-        use_source(renderer, video)
-    steps: list[StepEvent] = []
+def rv2v_case(frames: int, height: int, width: int) -> tuple[Case, CasePlan, torch.Tensor, torch.Tensor]:
+    """A source video and one reference image: rv2v's four passes over three layouts."""
+    grid = latent_grid(frames, height, width)
+    ref_grid = latent_grid(1, height, width)
+    n, ref = grid[0] * grid[1] * grid[2], ref_grid[1] * ref_grid[2]
+    case = Case(name="rv2v", source="<bench>", task_type="rv2v", prompt="replace the pattern with the reference", guidance_mode="rv2v")
+    media = (MediaPlan("<synthetic>", "video", frames, width, height, grid), MediaPlan("<synthetic>", "image", 1, width, height, ref_grid))
+    plan = CasePlan(case.name, "rv2v", "rv2v", frames, width, height, 16.0, grid, "<none>", media, 4, (n, 2 * n, 2 * n + ref, 2 * n + ref), 0)
+    return case, plan, torch.rand(3, frames, height, width) * 2 - 1, torch.rand(3, 1, height, width) * 2 - 1
 
-    def step(event: StepEvent) -> None:
-        steps.append(event)
-        if on_step is not None:
-            on_step(event)
 
-    out = renderer.render(case, settings, plan=plan, on_step=step)
-    renderer.__dict__.pop("encode_conditions", None)
-    return out, steps
+def synthetic(mode: str, args: argparse.Namespace) -> tuple[Case, CasePlan, Callable[[Renderer], Conditions] | None]:
+    if mode == "rv2v":
+        case, plan, video, image = rv2v_case(args.frames, args.height, args.width)
+        return case, plan, lambda r: Conditions(videos=(r.encode_pixels(video),), images=(r.encode_pixels(image),))
+    case, plan, video = synthetic_case(mode, args.frames, args.height, args.width)
+    return case, plan, None if video is None else (lambda r, _v=video: Conditions(videos=(r.encode_pixels(_v),)))
 
 
 class PhasePeaks:
-    """The allocator's peak per phase of a render: read and reset at each phase boundary."""
+    """The allocator's peak per phase of a render: read and reset at each phase boundary (reserved too)."""
 
-    def __init__(self, renderer: Renderer) -> None:
+    def __init__(self, renderer: Renderer, conditions: Callable[[Renderer], Conditions] | None) -> None:
         self.gib: dict[str, float] = {}
-        self._wrap(renderer, "encode_text", "text")
-        self._wrap(renderer, "encode_conditions", "vae_encode")
+        self.reserved = 0.0
+        encode_text = renderer.encode_text
+
+        def text(*args: Any) -> Any:
+            self.mark("before")
+            out = encode_text(*args)
+            self.mark("text")
+            return out
+
+        def media(case: Case, settings: GenerationSettings) -> Conditions:
+            out = conditions(renderer)  # type: ignore[misc]
+            self.mark("encode")
+            return out
+
+        renderer.encode_text = text  # type: ignore[method-assign]
+        if conditions is not None:  # the synthetic case's media, VAE-encoded where the renderer encodes its conditions
+            renderer.encode_conditions = media  # type: ignore[method-assign]
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
 
     def mark(self, phase: str) -> None:
         torch.cuda.synchronize()
         self.gib[phase] = max(self.gib.get(phase, 0.0), torch.cuda.max_memory_allocated() / GiB)
+        self.reserved = max(self.reserved, torch.cuda.max_memory_reserved() / GiB)
         torch.cuda.reset_peak_memory_stats()
 
-    def _wrap(self, renderer: Renderer, method: str, phase: str) -> None:
-        inner = getattr(renderer, method)
-
-        def wrapped(*args: Any) -> Any:
-            self.mark("before")
-            result = inner(*args)
-            self.mark(phase)
-            return result
-
-        setattr(renderer, method, wrapped)
-
-    def unwrap(self, renderer: Renderer) -> None:
+    @staticmethod
+    def unwrap(renderer: Renderer) -> None:
         for method in ("encode_text", "encode_conditions"):
             renderer.__dict__.pop(method, None)
 
 
-def measure(renderer: Renderer, name: str, mode: str, case_plan: Any, settings: GenerationSettings, plan: MemoryPlan) -> dict[str, Any]:
-    use_source(renderer, case_plan[2])
-    peaks = PhasePeaks(renderer)
+def measure(renderer: Renderer, name: str, mode: str, case: tuple, settings: GenerationSettings, plan: MemoryPlan) -> dict[str, Any]:
+    the_case, case_plan, conditions = case
+    peaks = PhasePeaks(renderer, conditions)
+    reset = reset_host_peak()
+    copied, read = renderer.store.copied_bytes, renderer.store.read_bytes
+    steps: list[StepEvent] = []
     start = time.perf_counter()
-    out, steps = render_case(renderer, case_plan, settings, on_step=lambda _e: peaks.mark("denoise"))
+    out = renderer.render(the_case, settings, plan=case_plan, on_step=lambda e: (steps.append(e), peaks.mark("denoise")))
     peaks.mark("decode")
     peaks.unwrap(renderer)
     per = {e: [s.seconds for s in steps if s.expert == e] for e in ("high", "low")}
+    expected = plan.phases or offload.Phases(0, 0, 0, 0)
     return dict(  # noqa: C408 -- a row of keyword columns
-        mode=mode, plan=name, offload=plan.offload, weights=plan.weights, text_encoder=plan.text_encoder, vae_tiling=plan.vae_tiling,
-        steps=len(steps), total_s=time.perf_counter() - start, s_per_step=sum(s.seconds for s in steps) / len(steps),
-        step_s=[round(s.seconds, 3) for s in steps], high_s_per_step=_mean(per["high"]), low_s_per_step=_mean(per["low"]),
-        peak_gib=max(peaks.gib.values()), phase_peak_gib={k: round(v, 2) for k, v in peaks.gib.items()}, expected_peak_gib=plan.peak_bytes / GiB,
-        copied_gib=out.info.get("memory_plan", {}).get("copied_gib"), phases=out.timings, latent=out.latent,
+        mode=mode, plan=name, offload=plan.offload, host=plan.host, weights=plan.weights, text_encoder=plan.text_encoder, vae_tiling=plan.vae_tiling,
+        batch_combos=plan.batch_combos, chunk_tokens=plan.chunk_tokens, steps=len(steps), total_s=time.perf_counter() - start,
+        s_per_step=sum(s.seconds for s in steps) / len(steps), step_s=[round(s.seconds, 3) for s in steps], high_s_per_step=_mean(per["high"]),
+        low_s_per_step=_mean(per["low"]), peak_gib=max(peaks.gib.values()), reserved_gib=peaks.reserved, expected_peak_gib=plan.peak_bytes / GiB,
+        phase_peak_gib={k: round(v, 2) for k, v in peaks.gib.items() if k != "before"},
+        expected_phase_gib={k: round(getattr(expected, k) / GiB, 2) for k in ("text", "encode", "denoise", "decode")},
+        host_peak_gib=host_peak_gib(), host_peak_is_per_plan=reset, expected_host_gib=plan.host_bytes / GiB,
+        copied_gib=(renderer.store.copied_bytes - copied) / GiB, read_gib=(renderer.store.read_bytes - read) / GiB, phases=out.timings, latent=out.latent,
     )
 
 
@@ -190,42 +312,53 @@ def _mean(values: list[float]) -> float | None:
 
 
 def compare(rows: list[dict[str, Any]]) -> None:
-    """Each row's latent against the 'none' plan's for the same mode: 0 for lossless plans."""
-    reference = {r["mode"]: r["latent"] for r in rows if r["plan"] == "none"}
+    """Each row's latent and seconds per step against the 'none' plan's for the same mode (lossless plans: identical)."""
+    reference = {r["mode"]: r for r in rows if r["plan"] == "none"}
     for row in rows:
-        latent = row.pop("latent")
         ref = reference.get(row["mode"])
-        row["rel_err_vs_none"] = None if ref is None else rel_error(latent, ref)
-        row["identical_to_none"] = None if ref is None else bool(torch.equal(latent, ref))
+        row["rel_err_vs_none"] = None if ref is None else rel_error(row["latent"], ref["latent"])
+        row["identical_to_none"] = None if ref is None else bool(torch.equal(row["latent"], ref["latent"]))
+        row["vs_none"] = None if ref is None else row["s_per_step"] / ref["s_per_step"]
+    for row in rows:
+        row.pop("latent")
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"{'mode':8} {'plan':10} {'offload':7} {'T5':6} {'tiled':5} {'s/step':>7} {'high':>6} {'low':>6} {'peak GiB':>8} {'expect':>6} "
-          f"{'text/denoise/decode GiB':>23} {'copied':>7} {'vs none':>9}")
+def print_table(rows: list[dict[str, Any]], files: Files | None) -> None:
+    print(f"\n{'mode':8} {'plan':13} {'placement':31} {'s/step':>7} {'vs none':>7} {'GPU peak':>8} {'expect':>6} {'reserved':>8} "
+          f"{'text/encode/denoise/decode GiB (expected)':>47} {'host GiB':>8} {'expect':>6} {'read':>5} {'latent':>9}")
     for r in rows:
         err = "n/a" if r["rel_err_vs_none"] is None else ("identical" if r["identical_to_none"] else f"{r['rel_err_vs_none']:.2e}")
-        ph = r["phase_peak_gib"]
-        phases = "/".join(f"{ph.get(k, 0):.1f}" for k in ("text", "denoise", "decode"))
-        print(f"{r['mode']:8} {r['plan']:10} {r['offload']:7} {r['text_encoder']:6} {r['vae_tiling']!s:5} {r['s_per_step']:7.2f} {r['high_s_per_step'] or 0:6.2f} "
-              f"{r['low_s_per_step'] or 0:6.2f} {r['peak_gib']:8.1f} {r['expected_peak_gib']:6.1f} {phases:>23} {r['copied_gib'] or 0:7.1f} {err:>9}")
+        ph, ex = r["phase_peak_gib"], r["expected_phase_gib"]
+        phases = "/".join(f"{ph.get(k, 0):.1f}" for k in ("text", "encode", "denoise", "decode"))
+        phases += " (" + "/".join(f"{ex[k]:.1f}" for k in ("text", "encode", "denoise", "decode")) + ")"
+        place = f"{r['offload']}/{r['host']}/{r['weights']}/T5 {r['text_encoder']}/{'tiled' if r['vae_tiling'] else 'untiled'}"
+        place += f"/{'b' if r['batch_combos'] else 'u'}{'/c' + str(r['chunk_tokens']) if r['chunk_tokens'] else ''}"
+        ratio = "" if r["vs_none"] is None else f"{r['vs_none']:.2f}x"
+        print(f"{r['mode']:8} {r['plan']:13} {place:31} {r['s_per_step']:7.2f} {ratio:>7} {r['peak_gib']:8.2f} {r['expected_peak_gib']:6.2f} {r['reserved_gib']:8.2f} "
+              f"{phases:>47} {r['host_peak_gib']:8.1f} {r['expected_host_gib']:6.1f} {r['read_gib']:5.1f} {err:>9}")
+    if files is not None and files.convert_s is not None:
+        print(f"one-time conversion to FP8 (bernini convert's writer, from a bf16 expert on the GPU): {files.convert_gb:.1f} GB in {files.convert_s:.1f} s per expert")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", type=Path, default=Path(".tiny/Bernini-R-Diffusers"))
-    p.add_argument("--modes", nargs="+", default=["t2v_apg", "v2v_apg"])
-    p.add_argument("--plans", nargs="+", default=list(PLANS), choices=list(PLANS))
-    p.add_argument("--steps", type=int, default=2, help="2: one high and one low step, each paying its expert's text K/V pass")
+    p.add_argument("--modes", nargs="+", default=["t2v_apg", "v2v_apg"], choices=["t2v_apg", "v2v_apg", "rv2v"])
+    p.add_argument("--plans", nargs="+", default=["none", "expert", "block", "fp8-none", "fp8-block"], choices=list(PLANS))
+    p.add_argument("--steps", type=int, nargs="+", default=[2], help="one count for every mode, or one per mode")
     p.add_argument("--frames", type=int, default=81)
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=848)
     p.add_argument("--attention", default="auto")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--t5_cpu", action="store_true")
-    p.add_argument("--max_gpu_memory", type=float, help="GiB: plan for and cap the allocator at this much, as on a smaller card")
+    p.add_argument("--max_gpu_memory", type=float, help="GiB: the auto plans plan for and cap the allocator at this much, as on a smaller card")
+    p.add_argument("--host_memory", type=float, help="GiB: the auto plans plan for a host with this much RAM")
+    p.add_argument("--files", type=Path, help="where the *-disk plans' expert files go (default: a temporary folder, removed at the end)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false")
     p.add_argument("--json")
     args = p.parse_args()
+    steps = dict(zip(args.modes, args.steps if len(args.steps) == len(args.modes) else [args.steps[0]] * len(args.modes), strict=True))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("bernini").setLevel(logging.WARNING)
     runtime = RuntimeConfig(device="cuda", dtype="bfloat16", attention=args.attention, compile=args.compile)
@@ -233,23 +366,51 @@ def main() -> None:
     clock = time.perf_counter()
     renderer = build_renderer(args.tiny, runtime, with_experts=False)  # each plan builds its own
     print(f"device: {device_name()}  attention: {attention.current_backend()}  compile: {args.compile}  "
-          f"fp8 via _scaled_mm: {fp8.scaled_mm_supported(renderer.device)}  base built in {time.perf_counter() - clock:.1f} s")
-    settings = GenerationSettings(num_inference_steps=args.steps, height=args.height, width=args.width, num_frames=args.frames)
-    cases = {mode: synthetic_case(mode, args.frames, args.height, args.width) for mode in args.modes}
-    load = memory.workload_of([c[1] for c in cases.values()], runtime.batch_combos)
+          f"fp8 via _scaled_mm: {fp8.scaled_mm_supported(renderer.device)}  base built in {time.perf_counter() - clock:.1f} s", flush=True)
+    cases = {mode: synthetic(mode, args) for mode in args.modes}
+    load = sizes.workload_of([c[1] for c in cases.values()], runtime.batch_combos)
+    disk = {PLANS[n].weights for n in args.plans if PLANS[n].disk}
+    root = args.files or Path(tempfile.mkdtemp(prefix="bernini-bench-experts-"))
+    files = write_files(root, disk) if disk else None
     rows = []
-    for index, name in enumerate(args.plans):
-        plan = install(renderer, name, load, args)
-        if index == 0 and args.warmup:  # kernels, cuDNN plans and allocator pools, once, outside the measurements
-            render_case(renderer, cases[args.modes[0]], dataclasses.replace(settings, num_inference_steps=1))
-        for mode in args.modes:
-            rows.append(measure(renderer, name, mode, cases[mode], settings, plan))
-            r = rows[-1]
-            print(f"{mode} {name}: {r['s_per_step']:.2f} s/step (steps {r['step_s']}), peak {r['peak_gib']:.1f} GiB (expected {r['expected_peak_gib']:.1f})", flush=True)
-    release(renderer)
+    try:
+        for index, name in enumerate(args.plans):
+            try:
+                plan = install(renderer, name, load, args, files)
+            except offload.MemoryPlanError as exc:  # refused before anything is built: the next plan may fit
+                print(f"{name}: skipped: {exc}", flush=True)
+                continue
+            if args.warmup:  # kernels, cuDNN plans, allocator pools and a pool's first fill, outside the measurements
+                first = cases[args.modes[0]]
+                PhasePeaks(renderer, first[2])
+                renderer.render(first[0], GenerationSettings(num_inference_steps=1, height=args.height, width=args.width, num_frames=args.frames), plan=first[1])
+                PhasePeaks.unwrap(renderer)
+            if renderer.store.pool is not None and files is not None:  # what the measured switches read comes from the disk
+                drop_page_cache(files.folder(PLANS[name].weights))
+            for mode in args.modes:
+                settings = GenerationSettings(num_inference_steps=steps[mode], height=args.height, width=args.width, num_frames=args.frames)
+                row = measure(renderer, name, mode, cases[mode], settings, plan)
+                rows.append(row)
+                snapshot(args, rows, files)  # what is measured so far survives a time limit
+                print(f"{mode} {name}: {row['s_per_step']:.2f} s/step (steps {row['step_s']}), GPU peak {row['peak_gib']:.2f} GiB (expected "
+                      f"{row['expected_peak_gib']:.2f}), host peak {row['host_peak_gib']:.1f} GiB (expected {row['expected_host_gib']:.1f}), "
+                      f"read {row['read_gib']:.1f} GiB from disk", flush=True)
+        release(renderer)
+    finally:
+        if args.files is None:
+            shutil.rmtree(root, ignore_errors=True)
     compare(rows)
-    print_table(rows)
-    write_json(args.json, {"device": device_name(), "attention": attention.current_backend(), "args": vars(args) | {"tiny": str(args.tiny)}, "rows": rows})
+    snapshot(args, rows, files)
+    print_table(rows, files)
+
+
+def snapshot(args: argparse.Namespace, rows: list[dict[str, Any]], files: Files | None) -> None:
+    """The rows so far (latents left out) to --json, else $OUT/bench_memory.json when $OUT is set."""
+    out = os.environ.get("OUT")
+    write_json(args.json or (str(Path(out) / "bench_memory.json") if out else None),
+               {"device": device_name(), "attention": attention.current_backend(), "args": {k: str(v) for k, v in vars(args).items()},
+                "rows": [{k: v for k, v in r.items() if k != "latent"} for r in rows],
+                "conversion": None if files is None else {"fp8_seconds": files.convert_s, "fp8_gb": files.convert_gb, "bf16_write_seconds": files.write_bf16_s}})
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`python -m bernini doctor | make-tiny DIR | run [flags] | serve [flags] | summary merge DIR...`: the toolkit's commands."""
+"""`python -m bernini doctor | make-tiny DIR | run [flags] | serve [flags] | summary merge DIR... | convert --output DIR`: the toolkit's commands."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ commands:
   make-tiny DIR [--seed N]       write tiny random-weight checkpoints for tests
   run [FLAGS]                    render cases on one GPU (the flags of infer_single_gpu.py)
   serve [FLAGS]                  the /v1/videos job server (model flags as run; --host, --port, --data_dir)
-  summary merge DIR... [-o OUT]  merge the summaries of a batch's shards into one summary.json"""
+  summary merge DIR... [-o OUT]  merge the summaries of a batch's shards into one summary.json
+  convert --output DIR [FLAGS]   write the experts once as they run (FP8 with scales, or bf16), block by block"""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -26,6 +27,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bernini import testing
 
         return testing.main(args)
+    if command == "convert":
+        from bernini import convert
+
+        return convert.main(args[1:])
     if command == "run":
         from bernini.main import main as run
 

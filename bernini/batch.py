@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bernini import memory, shard
+from bernini import shard
 from bernini.cases import BatchSpec, Case, collect_cases
 from bernini.config import DEFAULT_CONFIG_DIR, GenerationSettings, RuntimeConfig
 from bernini.plan import CasePlan, check_run_destinations, format_plan, plan_all
@@ -159,14 +159,14 @@ def memory_plan_lines(request: BatchRequest, planned: Planned) -> list[str]:
     """The memory plan (and the LoRAs) this machine would get; ValueError for checkpoint files or LoRAs that cannot load."""
     from bernini import offload, weights
     from bernini.doctor import offline_hub
+    from bernini.pipeline import memory_plan_for
 
     runtime = request.runtime
     try:
         with offline_hub():
             sources = resolve(request)
             weights.preflight(sources)
-        load = memory.workload_of([p for _, p in planned], runtime.batch_combos)
-        plan = offload.plan_for_run(sources.base, len(sources.renderer.experts), runtime, torch.device(runtime.device), load, sources.renderer.max_sequence_length)
+        plan = memory_plan_for(sources, runtime, offload.workload_of([p for _, p in planned], runtime.batch_combos))
     except weights.CheckpointError as exc:  # the files are there and unusable
         raise ValueError(f"checkpoint: {exc}") from None
     except (OSError, ValueError, KeyError, RuntimeError) as exc:

@@ -205,6 +205,7 @@ class RuntimeConfig:
     weights: Weights = flag("bf16", "runtime", "fp8: block Linear weights as float8_e4m3fn + per-channel scales (lossy, about half the memory)")
     max_gpu_memory: float | None = flag(None, "runtime", "plan for (and cap the allocator at) this much GPU memory", default_text="what is free", metavar="GiB")
     vae_tiling: bool | None = flag(None, "runtime", "tiled VAE encode/decode", default_text="when memory is short")
+    host_memory: float | None = flag(None, "runtime", "plan for a machine with this much RAM", default_text="what is free now", metavar="GiB")
     host_ranks: int = 1  # set by the launcher, no flag: processes sharing this host's RAM (torchrun's local ranks), each plans with its share
     fp8_gemm: Fp8Gemm = flag("off", "fast", "block Linear layers in FP8 (per-token activation and per-channel weight scales)", bare="auto")
     fp8_attention: Fp8Attention = flag("off", "fast", "8-bit self-attention (cuDNN FP8 SDPA or SageAttention)", bare="auto")
@@ -218,6 +219,8 @@ class RuntimeConfig:
             _require(name, value, value in choices, f"must be one of {', '.join(choices)}")
         if self.max_gpu_memory is not None:
             _require("max_gpu_memory", self.max_gpu_memory, _is_number(self.max_gpu_memory) and self.max_gpu_memory > 0, "must be a finite number of GiB > 0")
+        if self.host_memory is not None:
+            _require("host_memory", self.host_memory, _is_number(self.host_memory) and self.host_memory > 0, "must be a finite number of GiB > 0")
         _require("host_ranks", self.host_ranks, _is_int(self.host_ranks) and self.host_ranks >= 1, "must be an integer >= 1")
         if self.fp8_gemm == "torchao" and self.weights == "fp8":
             raise ValueError("--fp8_gemm torchao quantizes bf16 weights, but --weights fp8 already stores them in FP8 "

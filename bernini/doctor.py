@@ -152,7 +152,7 @@ def check_dependencies() -> dict[str, Any]:
 
 def check_config(config: str) -> dict[str, Any]:
     """Does --config resolve offline? Where are base and experts, and what will they weigh?"""
-    from bernini import memory
+    from bernini.offload.sizes import read_sizes
     from bernini.pipeline import EXPERT_FOLDERS, resolve_sources
 
     try:
@@ -164,7 +164,7 @@ def check_config(config: str) -> dict[str, Any]:
     report: dict[str, Any] = {"config": config, "resolves_offline": True, "config_dir": str(sources.config_dir), "base": str(sources.base), "experts": experts,
                               "missing": [str(sources.base / sub) for sub in ("tokenizer", "text_encoder", "vae", "scheduler") if not (sources.base / sub).is_dir()]}
     try:
-        sizes = memory.read_sizes(sources.base, len(sources.renderer.experts))
+        sizes = read_sizes(sources.base, len(sources.renderer.experts))
         report["sizes_gb_bf16"] = {"expert": round(sizes.expert_params * 2 / 1e9, 1), "text_encoder": round(sizes.text_encoder_params * 2 / 1e9, 1), "vae": round(sizes.vae_bytes / 1e9, 2)}
     except (OSError, ValueError, KeyError) as exc:
         report["sizes_error"] = str(exc)
@@ -172,13 +172,13 @@ def check_config(config: str) -> dict[str, Any]:
 
 
 def collect_report(config: str | None) -> dict[str, Any]:
-    from bernini import memory
+    from bernini.offload.sizes import host_free_bytes
 
     report = {
         "python": check_python(), "torch": check_torch(), "gpus": check_gpus(), "host_free_gb": None,
         "attention": check_attention(), "codecs": check_codecs(), "packages": check_packages(), "dependencies": check_dependencies(),
     }
-    host = memory.host_free_bytes()
+    host = host_free_bytes()
     report["host_free_gb"] = None if host is None else round(host / 1e9, 1)
     if config is not None:
         report["config"] = check_config(config)

@@ -14,9 +14,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from bernini import media, memory
+from bernini import media
 from bernini.cases import BatchSpec, Case, CaseError, assign_outputs, parse_case
 from bernini.config import DEFAULT_CONFIG_DIR, GenerationSettings, RuntimeConfig
+from bernini.offload.sizes import Workload
 from bernini.pipeline import ModelSources, Renderer, RenderOutput, resolve_sources
 from bernini.plan import CasePlan, plan_all, plan_case
 from bernini.runner import CaseRecord, model_identity, sidecar, sidecar_path, write_json_atomic
@@ -101,11 +102,11 @@ class Engine:
         *,
         runtime: RuntimeConfig = RuntimeConfig(),
         settings: GenerationSettings = GenerationSettings(),
-        workload: memory.Workload | None = None,
+        workload: Workload | None = None,
     ) -> Engine:
         """Resolve the checkpoint (as --config/--high_noise_ckpt/--low_noise_ckpt do) and load every model once.
 
-        ``workload``: the largest case to plan memory for (``memory.workload_of(plans)``); 480p t2v when None.
+        ``workload``: the largest case to plan memory for (``offload.workload_of(plans)``); 480p t2v when None.
         """
         return cls.from_sources(resolve_sources(config, high_noise_ckpt, low_noise_ckpt), runtime=runtime, settings=settings, workload=workload)
 
@@ -116,7 +117,7 @@ class Engine:
         *,
         runtime: RuntimeConfig = RuntimeConfig(),
         settings: GenerationSettings = GenerationSettings(),
-        workload: memory.Workload | None = None,
+        workload: Workload | None = None,
         identity: dict[str, Any] | None = None,
     ) -> Engine:
         return cls(Renderer.load(sources, runtime, workload), sources, settings=settings, identity=identity, runtime=runtime)

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 MIN_SCALE = 1e-12  # an all-zero row still gets a usable scale
+KEEP_FP32 = ("weight_scale",)  # loading `bernini convert --weights fp8` files: the per-row scales stay float32
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,6 +82,12 @@ class FP8Linear(nn.Module):
         weight, scale = quantize(linear.weight.detach())
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(weight, scale, bias, use_scaled_mm)
+
+    @classmethod
+    def concat(cls, parts: tuple[FP8Linear, ...]) -> FP8Linear:
+        """One layer whose output rows are the parts' in order: exact, as scales are per row (the fused QKV of FP8 files)."""
+        bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
+        return cls(torch.cat([p.weight for p in parts]), torch.cat([p.weight_scale for p in parts]), bias, parts[0].use_scaled_mm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_scaled_mm and x.dtype == torch.bfloat16 and x.is_cuda:

@@ -16,12 +16,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from bernini import attention, fp8, lora, media, memory, offload, weights
+from bernini import attention, convert, fp8, lora, media, offload, weights
 from bernini.cases import Case
 from bernini.conditioning import Conditions, Source, SourceIdRule
 from bernini.config import DEFAULT_CONFIG_DIR, GenerationSettings, RendererConfig, RuntimeConfig
 from bernini.guidance import get_mode
-from bernini.models import VAE, LocalSequence, TextEncoder, TransformerConfig, WanTransformer, compile_blocks, patchify, positive_text, unpatchify
+from bernini.models import (
+    VAE,
+    LocalSequence,
+    TextEncoder,
+    TransformerConfig,
+    WanTransformer,
+    compile_blocks,
+    fuse_projections,
+    patchify,
+    positive_text,
+    unpatchify,
+)
 from bernini.offload import ExpertStore, MemoryPlan
 from bernini.plan import PATCH, CasePlan, effective_settings, plan_case
 from bernini.sampling import Denoiser, LocalCombos, SamplingPlan, StepEvent, initial_noise, sampling_plan
@@ -123,16 +134,25 @@ def load_expert(
         raise weights.WeightsError(f"{cfg_path} is missing: the base model must provide the transformer config")
     cfg = TransformerConfig.from_dict(json.loads(cfg_path.read_text()))
     with torch.device("meta"):
-        model = WanTransformer(cfg, sequence)
+        model = WanTransformer(cfg, sequence, chunk_tokens=plan.chunk_tokens if plan is not None else 0)
     keys = expert_weight_sources(sources, name)
+    if convert.holds_fp8(keys):  # written by `bernini convert --weights fp8`: loaded as stored, never re-quantized
+        convert.fp8_shells(model, plan.weights if plan is not None else "bf16", device)
+    keep = WanTransformer.keep_fp32 + fp8.KEEP_FP32
     each_block = block_finisher(model, plan, device, fp8_gemm)
     merge = lora.Merger(loras) if loras is not None else None
     if plan is None or (plan.offload == "none" and plan.weights == "bf16"):
-        weights.load_weights(model, keys, device=device, dtype=dtype, keep_fp32=WanTransformer.keep_fp32, transform=merge)
+        weights.load_weights(model, keys, device=device, dtype=dtype, keep_fp32=keep, transform=merge)
         for block in model.blocks:
             each_block(block)
+    elif plan.reads_blocks:  # the blocks stay on disk as stored; the store reads them as they are used
+        if merge is not None or fp8_gemm is not None:
+            raise ValueError("LoRAs and --fp8_gemm change the weights at load, so no block can be read back from the files as stored; "
+                             "the memory plan keeps every block in host memory then (this plan was forced on it)")
+        fuse_projections(model)  # on the empty blocks: the files' to_q, to_k and to_v rows are read into to_qkv
+        offload.load_lazily(model, keys, device=device, dtype=dtype, keep_fp32=keep)
     else:
-        offload.load_blockwise(model, keys, device=device, dtype=dtype, keep_fp32=WanTransformer.keep_fp32, each_block=each_block, transform=merge)
+        offload.load_blockwise(model, keys, device=device, dtype=dtype, keep_fp32=keep, each_block=each_block, transform=merge)
     if merge is not None:
         merge.finish()
     return model.eval().requires_grad_(False)
@@ -224,10 +244,11 @@ class RenderOutput:
     latent: torch.Tensor | None = None  # final normalized latent [1, 16, T', H', W']
 
 
-def memory_plan_for(sources: ModelSources, runtime: RuntimeConfig, workload: memory.Workload | None = None) -> MemoryPlan:
-    """The memory plan Renderer.load would follow on this machine; known before anything loads."""
+def memory_plan_for(sources: ModelSources, runtime: RuntimeConfig, workload: offload.Workload | None = None) -> MemoryPlan:
+    """The memory plan Renderer.load would follow on this machine (and what the expert files hold); known before anything loads."""
     device = resolve_device(runtime.device)
-    return offload.plan_for_run(sources.base, len(sources.renderer.experts), runtime, device, workload, sources.renderer.max_sequence_length)
+    stored = offload.stored_format([expert_weight_sources(sources, name) for name in sources.renderer.experts])
+    return offload.plan_for_run(sources.base, len(sources.renderer.experts), runtime, device, workload, sources.renderer.max_sequence_length, stored)
 
 
 class Renderer:
@@ -268,7 +289,7 @@ class Renderer:
         high_noise_ckpt: str | None = None,
         low_noise_ckpt: str | None = None,
         runtime: RuntimeConfig = RuntimeConfig(),
-        workload: memory.Workload | None = None,
+        workload: offload.Workload | None = None,
     ) -> "Renderer":
         return cls.load(resolve_sources(config, high_noise_ckpt, low_noise_ckpt), runtime, workload)
 
@@ -277,13 +298,15 @@ class Renderer:
         cls,
         sources: ModelSources,
         runtime: RuntimeConfig = RuntimeConfig(),
-        workload: memory.Workload | None = None,
+        workload: offload.Workload | None = None,
         *,
         placement: Placement | None = None,
         memory_plan: MemoryPlan | None = None,
     ) -> "Renderer":
         """Load everything where the memory plan says (``memory_plan``, else planned here for ``workload``:
-        the batch's largest case, 480p when None), with ``placement``'s part of each case."""
+        the batch's largest case, 480p when None), with ``placement``'s part of each case.
+
+        A plan that does not fit is refused here (MemoryPlanError, with the nearest settings that would), before any model loads."""
         weights.preflight(sources)  # headers, keys, shapes, configs: before the 11 GB text encoder loads
         start = time.perf_counter()
         device = resolve_device(runtime.device)
@@ -295,6 +318,7 @@ class Renderer:
         loras = lora.prepare(runtime.loras, expert_configs(sources))  # every LoRA checked before anything loads
         plan = memory_plan or memory_plan_for(sources, runtime, workload)
         log_plan(plan)
+        offload.require_fit(plan)  # refused before anything loads, with the nearest settings that fit
         gemm = fp8.select_gemm(runtime.fp8_gemm, device, resident=plan.offload == "none")
         if gemm == "torchao" and plan.offload != "none":
             raise ValueError(f"--fp8_gemm torchao needs the experts resident, but the memory plan is --offload {plan.offload}; "
@@ -309,7 +333,7 @@ class Renderer:
             name: prepare_expert(load_expert(sources, name, device=device, dtype=dtype, plan=plan, fp8_gemm=gemm, loras=loras.get(name), sequence=placement.sequence), runtime)
             for name in experts_named
         }
-        store = ExpertStore(experts, plan.offload, device, plan.prefetch_bytes)
+        store = ExpertStore(experts, plan.offload, device, plan.prefetch_bytes, plan.host_blocks)
         from diffusers import UniPCMultistepScheduler
 
         scheduler_config = dict(UniPCMultistepScheduler.load_config(sources.base / "scheduler"))
@@ -333,7 +357,9 @@ class Renderer:
             self.text_visit = None
         elif self.text_visit is None:  # packed and pinned once; a later placement keeps the copy
             model.to("cpu")
-            self.text_visit = offload.HostModule(model, pin=True)
+            self.text_visit = offload.HostModule(model, pin=True, pieces=offload.text_pieces(model))
+        if self.text_visit is not None:
+            self.text_visit.stream = where == "stream"  # a layer at a time, where the whole would not fit beside the experts
 
     @property
     def head_dim(self) -> int:

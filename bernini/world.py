@@ -6,9 +6,9 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from bernini import memory
 from bernini.cases import Case
 from bernini.config import GenerationSettings, RuntimeConfig
+from bernini.offload.sizes import workload_of
 from bernini.plan import CasePlan
 from bernini.runner import CaseRecord
 
@@ -110,7 +110,7 @@ class LocalWorld:
         from bernini.engine import Engine
 
         try:
-            workload = memory.workload_of(plans, runtime.batch_combos) if plans else None
+            workload = workload_of(plans, runtime.batch_combos) if plans else None
             return Engine.from_sources(sources, runtime=runtime, settings=settings, workload=workload, identity=identity)
         except Exception as exc:
             log.error("the models could not be loaded: %s", describe(exc), exc_info=not isinstance(exc, ValueError))

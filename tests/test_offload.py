@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bernini import memory, offload
+from bernini import offload
 from bernini.cases import Case, load_case_file
 from bernini.config import GenerationSettings, RuntimeConfig
 from bernini.offload import ExpertStore, GiB, plan_memory, reference_workload
+from bernini.offload import sizes as memory
 from bernini.pipeline import Renderer
 from bernini.testing import tiny_checkpoints
 
@@ -206,8 +207,8 @@ def test_text_encoder_and_vae_follow_the_room() -> None:
 
 
 def test_nothing_fits_says_so() -> None:
-    assert plan(12).fits  # block, CPU text encoding, the u/c passes one at a time
-    chosen = plan(8)
+    assert plan(12).fits and plan(8).fits  # block, chunked activations, CPU text encoding, the u/c passes one at a time
+    chosen = plan(5)
     assert chosen.fits is False and chosen.offload == "block"
     assert any("--max_image_size" in t for t in chosen.faster)
     host_short = plan(23, host=40 * GiB)
@@ -345,7 +346,7 @@ def test_a_24_gb_card_runs_v2v_with_the_guidance_passes_one_at_a_time() -> None:
     assert small.fits and small.offload == "block" and not small.batch_combos and small.text_encoder == "visit"
     assert "guidance passes one at a time" in small.describe() and small.to_info()["batch_combos"] is False
     assert any("for batched guidance passes" in tip for tip in small.faster)
-    assert small.peak_bytes == plan(23).peak_bytes  # the same tokens per forward as 480p t2v with its pair batched
+    assert small.peak_bytes <= 23 * GiB  # the same tokens per forward as 480p t2v with its pair batched, and the source's kept
     assert v2v(200).batch_combos and v2v(200).offload == "none"  # room: batched, nothing moves
     refused = v2v(23, batch_combos=False)  # --no-batch_combos: never batched, and no tip to batch
     assert not refused.batch_combos and not any("batched" in tip for tip in refused.faster)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -141,12 +142,27 @@ class Attention(nn.Module):
         if self.to_qkv is not None:
             return
         parts = (self.to_q, self.to_k, self.to_v)
-        fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), device="meta")
-        fused.weight = nn.Parameter(torch.cat([p.weight.detach() for p in parts]), requires_grad=False)
-        fused.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)
+        if type(parts[0]) is nn.Linear:
+            fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), device="meta")
+            fused.weight = nn.Parameter(torch.cat([p.weight.detach() for p in parts]), requires_grad=False)
+            fused.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)
+        else:  # FP8 storage (bernini.fp8.FP8Linear, loaded from converted files): its rows and scales joined
+            fused = type(parts[0]).concat(parts)
         self.to_qkv = fused
         if not keep_separate:
             del self.to_q, self.to_k, self.to_v
+
+    def self_query(self, x: torch.Tensor) -> torch.Tensor:
+        """Self-attention's normed queries of x (fused: from the one QKV GEMM, so each product is the unchunked one)."""
+        q = self.to_qkv(x).chunk(3, dim=-1)[0] if self.to_qkv is not None else self.to_q(x)
+        return self.heads_of(self.norm_q(q))
+
+    def self_key_value(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Self-attention's normed keys and values of x (fused: from the one QKV GEMM)."""
+        if self.to_qkv is None:
+            return self.key_value(x)
+        _, k, v = self.to_qkv(x).chunk(3, dim=-1)
+        return self.heads_of(self.norm_k(k)), self.heads_of(v)
 
     def self_attend(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], sequence: LocalSequence) -> torch.Tensor:
         if self.to_qkv is not None:
@@ -191,6 +207,34 @@ class FeedForward(nn.Module):
         return self.net[2](linear_gelu(x, self.net[0].proj, self.fuse_gelu))
 
 
+def modulate(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The norm + scale/shift chain before attention and the FFN, in float32, back in x's dtype."""
+    return (norm(x.float()) * (1 + scale) + shift).type_as(x)
+
+
+def gated(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """The gated residual x + y * gate, in float32, back in x's dtype."""
+    return (x.float() + y.float() * gate).type_as(x)
+
+
+MIN_RUN = 64  # tokens: shorter GEMMs take BLAS small-matrix paths whose rounding differs (below 12 rows on x86 MKL)
+
+
+def token_spans(length: int, size: int) -> list[slice]:
+    """Equal runs of at most ``size`` (at least MIN_RUN) tokens covering ``length``; one run when size is 0 or covers it.
+
+    Equal runs, not a short remainder: a GEMM of a few rows rounds differently from the same rows in a large one.
+    """
+    runs = max(1, min(-(-length // size), length // MIN_RUN)) if size > 0 else 1
+    edges = [length * i // runs for i in range(runs + 1)]
+    return [slice(a, b) for a, b in pairwise(edges)]
+
+
+def _splits_queries(sequence: LocalSequence) -> bool:
+    # Queries may run in chunks only against the single-device hook: Ulysses exchanges whole sequences.
+    return type(sequence) is LocalSequence
+
+
 class Block(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -210,15 +254,67 @@ class Block(nn.Module):
         text_kv: tuple[torch.Tensor, torch.Tensor],
         rope: tuple[torch.Tensor, torch.Tensor],
         sequence: LocalSequence,
+        chunk_tokens: int = 0,
     ) -> torch.Tensor:
-        """x: [B, L, dim]; modulation: [B, 6, dim]; text_kv: this block's cross-attention K/V."""
-        shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + modulation.float()).chunk(6, dim=1)
-        h = (self.norm1(x.float()) * (1 + scale) + shift).type_as(x)
-        x = (x.float() + self.attn1.self_attend(h, rope, sequence) * gate).type_as(x)
-        h = self.norm2(x.float()).type_as(x)
-        x = x + self.attn2.cross_attend(h, text_kv)
-        h = (self.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
-        return (x.float() + self.ffn(h).float() * c_gate).type_as(x)
+        """x: [B, L, dim]; modulation: [B, 6, dim]; text_kv: this block's cross-attention K/V.
+
+        chunk_tokens > 0: everything but the attention's keys and values runs over that many tokens (of the
+        whole batch) at a time, and x is updated in place (the model passes a copy of its own).
+        """
+        mod = (self.scale_shift_table + modulation.float()).chunk(6, dim=1)
+        runs = token_spans(x.shape[1], chunk_tokens // x.shape[0]) if chunk_tokens else []
+        if len(runs) > 1:
+            return self._chunked(x, mod, text_kv, rope, sequence, runs)
+        shift, scale, gate, c_shift, c_scale, c_gate = mod
+        x = gated(x, self.attn1.self_attend(modulate(self.norm1, x, shift, scale), rope, sequence), gate)
+        x = x + self.attn2.cross_attend(self.norm2(x.float()).type_as(x), text_kv)
+        return gated(x, self.ffn(modulate(self.norm3, x, c_shift, c_scale)), c_gate)
+
+    def _chunked(
+        self,
+        x: torch.Tensor,
+        mod: tuple[torch.Tensor, ...],
+        text_kv: tuple[torch.Tensor, torch.Tensor],
+        rope: tuple[torch.Tensor, torch.Tensor],
+        sequence: LocalSequence,
+        runs: list[slice],
+    ) -> torch.Tensor:
+        """The same arithmetic run by run, so no [B, L, ffn_dim] hidden state or float32 copy of x exists at once.
+
+        Every op is per token but attention, whose keys and values (of the block's input) are built whole first.
+        GPU attention kernels treat each query row alone (given the hundred-odd query tiles a run of thousands of
+        tokens makes over 40 heads: fewer, and flash kernels split the keys), so there the queries run in runs too;
+        the CPU's SDPA blocks its queries by their count (a run would round differently), so there they attend whole.
+        (--fp8_attention scales its queries per tensor, so there each run gets its own scale: lossy either way.)
+        """
+        shift, scale, gate, c_shift, c_scale, c_gate = mod
+        attn = self.attn1
+        queries = [slice(0, x.shape[1])] if x.device.type == "cpu" else runs
+        if _splits_queries(sequence):
+            cos, sin = rope
+            k = x.new_empty(*x.shape[:2], attn.heads, x.shape[2] // attn.heads)
+            v = torch.empty_like(k)
+            for s in runs:
+                ks, vs = attn.self_key_value(modulate(self.norm1, x[:, s], shift, scale))
+                k[:, s], v[:, s] = apply_rope(ks, cos[s], sin[s]), vs
+            # A run's queries read x[:, s] before it is overwritten. Fused, the QKV GEMM runs again for them (its K/V
+            # part unused): no whole [B, L, dim] of queries is kept, and no narrower GEMM that might round differently.
+            for s in queries:
+                q = apply_rope(attn.self_query(modulate(self.norm1, x[:, s], shift, scale)), cos[s], sin[s])
+                x[:, s] = gated(x[:, s], attn.to_out[0](attention(q, k, v).flatten(2).type_as(q)), gate)
+            del k, v
+        else:
+            y = attn.self_attend(torch.cat([modulate(self.norm1, x[:, s], shift, scale) for s in runs], dim=1), rope, sequence)
+            for s in runs:
+                x[:, s] = gated(x[:, s], y[:, s], gate)
+            del y
+        for s in queries:
+            run = x[:, s]
+            run.add_(self.attn2.cross_attend(self.norm2(run.float()).type_as(run), text_kv))
+        for s in runs:
+            run = x[:, s]
+            run.copy_(gated(run, self.ffn(modulate(self.norm3, run, c_shift, c_scale)), c_gate))
+        return x
 
 
 TextKV = list[tuple[torch.Tensor, torch.Tensor]]
@@ -231,7 +327,7 @@ class WanTransformer(nn.Module):
     # default): diffusers' WanTransformer3DModel._keep_in_fp32_modules, minus "rope" (no stored weights).
     keep_fp32: tuple[str, ...] = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
 
-    def __init__(self, cfg: TransformerConfig, sequence: LocalSequence | None = None):
+    def __init__(self, cfg: TransformerConfig, sequence: LocalSequence | None = None, chunk_tokens: int = 0):
         super().__init__()
         self.cfg = cfg
         self.sequence = sequence or LocalSequence()
@@ -241,6 +337,7 @@ class WanTransformer(nn.Module):
         self.norm_out = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
         self.proj_out = nn.Linear(cfg.dim, cfg.out_channels * math.prod(cfg.patch_size))
         self.scale_shift_table = nn.Parameter(torch.empty(1, 2, cfg.dim))
+        self.chunk_tokens = chunk_tokens  # > 0: activations in runs of this many tokens (exact; the memory plan sets it)
 
     def embed(self, packed: torch.Tensor) -> torch.Tensor:
         """Patch-embed packed patches [B, L, (pt ph pw c)] -> tokens [B, L, dim].
@@ -266,11 +363,20 @@ class WanTransformer(nn.Module):
         """tokens: [B, L, dim]; timestep: [B]; rope: cos/sin [L, head_dim/2] -> [B, L, patch_features]."""
         temb, modulation = self.condition_embedder.time(timestep, text_kv[0][0].dtype)
         x = self.sequence.shard(tokens)
+        if self.chunk_tokens:
+            x = x.clone(memory_format=torch.contiguous_format)  # the chunked blocks update it in place
         for block, kv in zip(self.blocks, text_kv, strict=True):
-            x = block(x, modulation, kv, rope, self.sequence)
+            x = block(x, modulation, kv, rope, self.sequence, self.chunk_tokens)
         shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
-        x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
-        return self.sequence.gather(self.proj_out(x))
+        runs = [self.proj_out(modulate(self.norm_out, x[:, s], shift, scale)) for s in token_spans(x.shape[1], self.chunk_tokens // x.shape[0])]
+        return self.sequence.gather(runs[0] if len(runs) == 1 else torch.cat(runs, dim=1))
+
+
+def checkpoint_keys(key: str) -> list[str]:
+    """The checkpoint keys whose tensors make up a model key's, in row order (the fused QKV is to_q's, to_k's, to_v's rows)."""
+    if ".to_qkv." not in key:
+        return [key]
+    return [key.replace(".to_qkv.", f".to_{part}.") for part in "qkv"]
 
 
 def fuse_projections(model: WanTransformer) -> None:

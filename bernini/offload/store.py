@@ -13,10 +13,15 @@ from torch import nn
 
 from bernini import weights
 from bernini.models.transformer import WanTransformer
-from bernini.offload.host import HostCopy, host_copy, module_slots
-from bernini.offload.plan import OFFLOADS, GiB
+from bernini.offload.disk import BlockFiles
+from bernini.offload.host import HostCopy, host_copy, module_slots, slot_keys
+from bernini.offload.options import OFFLOADS
+from bernini.offload.pool import BlockPool
+from bernini.offload.sizes import GiB
 
 log = logging.getLogger("bernini.offload")  # the logger name of the single module this package was split from
+
+BLOCK_FILES = "_block_files"  # where load_lazily leaves an expert's BlockFiles for the store (as host_copy leaves "_host_copy")
 
 
 class StreamedBlocks(nn.ModuleList):
@@ -39,10 +44,14 @@ class ExpertStore:
     none: every expert resident. expert: the called expert resident, the others in pinned host memory;
     ``prefetch`` copies the next one ahead on a side stream as far as ``prefetch_bytes`` allows, the rest
     is copied at the switch and each block waits only for its own copy. block: non-block parts resident,
-    blocks copied in one ahead of use on a side stream and released after. Copies are exact: lossless.
+    blocks copied in one ahead of use on a side stream and released after; they wait in pinned host memory,
+    or, for experts loaded lazily (their blocks left on disk), in a BlockPool of ``host_blocks`` pinned buffers
+    that a reader thread fills from the safetensors files ahead of use. Copies are exact: lossless.
     """
 
-    def __init__(self, experts: Mapping[str, WanTransformer], offload: str = "none", device: torch.device | str = "cpu", prefetch_bytes: float = 0.0) -> None:
+    def __init__(
+        self, experts: Mapping[str, WanTransformer], offload: str = "none", device: torch.device | str = "cpu", prefetch_bytes: float = 0.0, host_blocks: int = 0
+    ) -> None:
         if offload not in OFFLOADS:
             raise ValueError(f"unknown offload {offload!r}; choose one of {', '.join(OFFLOADS)}")
         self.experts = dict(experts)
@@ -52,16 +61,22 @@ class ExpertStore:
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and offload != "none" else None
         self.heads: dict[str, HostCopy | None] = {}
         self.blocks: dict[str, list[HostCopy]] = {}
+        self.live: dict[tuple[str, int], HostCopy] = {}  # block plan: the block copies on the device
         self.active: str | None = None
         self.copied_bytes = 0
         self.most_blocks_on_device = 0
+        lazy = {name: model.__dict__.get(BLOCK_FILES) for name, model in self.experts.items()}
+        if any(lazy.values()) and offload != "block":
+            raise ValueError("experts loaded with their blocks left on disk need --offload block")
+        self.pool = BlockPool({n: m.blocks for n, m in self.experts.items()}, lazy, host_blocks, self.device.type == "cuda") if any(lazy.values()) else None
         for name, model in self.experts.items():
             if offload != "none":
                 self._stage(name, model)
 
     def _stage(self, name: str, model: WanTransformer) -> None:
         pin = self.device.type == "cuda"
-        self.blocks[name] = [host_copy(block, pin) for block in model.blocks]
+        if self.pool is None:
+            self.blocks[name] = [host_copy(block, pin) for block in model.blocks]
         if self.offload == "expert":
             self.heads[name] = host_copy(model, pin, skip="blocks")
         else:
@@ -69,6 +84,11 @@ class ExpertStore:
             for slot in module_slots(model, skip="blocks"):  # embeddings and head stay resident
                 slot.set(slot.get().to(self.device))
         model.blocks = StreamedBlocks(model.blocks, functools.partial(self._before_block, name))
+
+    @property
+    def read_bytes(self) -> int:
+        """Bytes read back from disk so far (0 unless blocks wait on disk)."""
+        return 0 if self.pool is None else self.pool.read_bytes
 
     def __call__(self, name: str) -> WanTransformer:
         """The expert, usable on the device now (the compute stream waits for what it needs first)."""
@@ -78,6 +98,8 @@ class ExpertStore:
                     self._release_expert(other)
             if self.offload == "expert":
                 self._fetch_expert(name)
+            if self.pool is not None:
+                self.pool.activate(name)  # its blocks are read ahead from here: during text and media encoding at a case's start
         self.active = name
         return self.experts[name]
 
@@ -89,7 +111,10 @@ class ExpertStore:
     def prefetch(self, name: str) -> None:
         """Start copying ``name`` ahead of its first step without evicting anything (within the plan's room)."""
         if self.offload == "block":
-            self._fetch(self.blocks[name][0])
+            if self.pool is not None:
+                self.pool.announce(name)
+            if self.pool is None or self.pool.ready(name, 0):
+                self._fetch_block(name, 0)
         elif self.offload == "expert":
             room = self.prefetch_bytes
             for copy in self._copies(name):
@@ -115,21 +140,37 @@ class ExpertStore:
     def _release_expert(self, name: str) -> None:
         for copy in self._copies(name):
             self._release(copy)
+        for key in [key for key in self.live if key[0] == name]:
+            self._release(self.live.pop(key))
 
     def _before_block(self, name: str, index: int) -> None:
-        blocks = self.blocks[name]
         if self.offload == "expert":
-            self._wait(blocks[index])
+            self._wait(self.blocks[name][index])
             return
-        keep = {index, (index + 1) % len(blocks)}
-        for j, copy in enumerate(blocks):
-            if j not in keep:
-                self._release(copy)
-        self._fetch(blocks[index])
-        self._wait(blocks[index])
-        self._fetch(blocks[(index + 1) % len(blocks)])  # overlaps block i's compute; wraps to the next forward
-        on_device = sum(c.on_device for copies in self.blocks.values() for c in copies)
-        self.most_blocks_on_device = max(self.most_blocks_on_device, on_device)
+        layers = len(self.experts[name].blocks)
+        keep = {index, (index + 1) % layers}
+        for key in [key for key in self.live if key[0] == name and key[1] not in keep]:
+            self._release(self.live.pop(key))
+        copy = self._fetch_block(name, index)
+        self._wait(copy)
+        nxt = (index + 1) % layers  # overlaps block i's compute; wraps to the next forward
+        if self.pool is not None:
+            self.pool.used(name, index, copy.landed)
+        if self.pool is None or self.pool.ready(name, nxt):  # never wait for the disk here: block i has not been queued yet
+            self._fetch_block(name, nxt)
+        self.most_blocks_on_device = max(self.most_blocks_on_device, sum(c.on_device for c in self.live.values()))
+
+    def _fetch_block(self, name: str, index: int) -> HostCopy:
+        """Block ``index`` of ``name`` on the device (copy started if it was not), from its pinned copy or the pool."""
+        copy = self.blocks[name][index] if self.pool is None else self.pool.copy(name, index)
+        held = self.live.get((name, index))
+        if held is not None and held is not copy:  # the pool gave the block another buffer since
+            self._release(held)
+        self._fetch(copy)
+        self.live[(name, index)] = copy
+        if self.pool is not None:
+            self.pool.copied(name, index, copy.landed)
+        return copy
 
     def _compute_stream(self) -> torch.cuda.Stream:
         return torch.cuda.current_stream(self.device)
@@ -148,6 +189,7 @@ class ExpertStore:
             target.copy_(copy.buffer, non_blocking=True)
         copy.ready = torch.cuda.Event()
         copy.ready.record(self.stream)
+        copy.landed = copy.ready  # kept after the compute stream waited: when the host buffer may be reused
         copy.point_at(target)
 
     def _wait(self, copy: HostCopy) -> None:
@@ -159,6 +201,11 @@ class ExpertStore:
         if copy.on_device:
             self._wait(copy)  # a copy still in flight must land before its memory is reused
             copy.point_at_host()
+
+    def close(self) -> None:
+        """Stop the pool's reader thread (nothing else holds resources outside the tensors)."""
+        if self.pool is not None:
+            self.pool.close()
 
 
 # --------------------------------------------------------------------------- loading block by block
@@ -221,3 +268,31 @@ def load_blockwise(
         model.blocks = blocks
     log.info("%s: %d blocks loaded one by one onto %s", type(model).__name__, len(blocks), device)
 
+
+def load_lazily(
+    model: WanTransformer,
+    sources: Sequence[Mapping[str, Any]],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    keep_fp32: tuple[str, ...],
+) -> None:
+    """Load a meta-device model's non-block parts onto ``device`` and leave its blocks on disk.
+
+    The blocks' tensors get the dtypes they will have (still on the meta device) and their places in the files;
+    the store's BlockPool reads each block into a pinned buffer when it is about to be used.
+    """
+    files = BlockFiles.locate(model.blocks, sources)
+    for index, block in enumerate(model.blocks):
+        for key, slot, parts in zip(slot_keys(block), module_slots(block), files.extents[index], strict=True):
+            stored = torch.empty(slot.get().shape, dtype=parts[0].dtype, device="meta")
+            slot.set(weights.cast_tensor(stored, f"blocks.{index}.{key}", dtype, keep_fp32))
+    _, rest = _block_sources(sources, len(model.blocks))
+    blocks = model.blocks
+    model.blocks = nn.ModuleList()  # the non-block parts alone, so the loader sees no missing block keys
+    try:
+        weights.load_weights(model, rest, device=device, dtype=dtype, keep_fp32=keep_fp32)
+    finally:
+        model.blocks = blocks
+    model.__dict__[BLOCK_FILES] = files
+    log.info("%s: non-block parts loaded onto %s; %d blocks stay on disk until used", type(model).__name__, device, len(blocks))

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from bernini import memory
 from bernini.config import GenerationSettings, RuntimeConfig
 from bernini.models import LocalSequence
+from bernini.offload.sizes import Workload, workload_of
 from bernini.parallel.cfg import CfgCombos
 from bernini.parallel.groups import Groups, LaunchEnv, Topology, balance
 from bernini.parallel.status import GroupRender, GroupStatus, StopFlag
@@ -88,9 +88,9 @@ def format_shares(planned: Planned, topology: Topology) -> str:
     return "\n".join(lines)
 
 
-def member_workload(plans: Sequence[CasePlan], topology: Topology, batch_combos: bool) -> memory.Workload:
+def member_workload(plans: Sequence[CasePlan], topology: Topology, batch_combos: bool) -> Workload:
     """What one rank holds of the largest forward: CFG parallel splits the passes, Ulysses every sequence."""
-    whole = memory.workload_of(plans, batch_combos)
+    whole = workload_of(plans, batch_combos)
 
     def shard(tokens: int) -> int:
         return -(-tokens // topology.ulysses)
@@ -108,7 +108,7 @@ def placement_for(topology: Topology, groups: Groups, runtime: RuntimeConfig) ->
     return Placement(sequence, passes, decodes=topology.is_leader)
 
 
-def load_member(sources: ModelSources, runtime: RuntimeConfig, topology: Topology, groups: Groups, workload: memory.Workload | None = None) -> tuple[Renderer | None, str | None]:
+def load_member(sources: ModelSources, runtime: RuntimeConfig, topology: Topology, groups: Groups, workload: Workload | None = None) -> tuple[Renderer | None, str | None]:
     """This rank's renderer, built for its placement; (renderer, None), or (None, the first failure) on every rank of the group.
 
     The group agrees on batching before anything loads: a rank whose memory plan runs the guidance passes one at

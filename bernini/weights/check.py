@@ -30,6 +30,7 @@ logger = logging.getLogger(__package__)  # "bernini.weights" in every module, as
 
 # Storage a floating parameter may have; loading casts it (fp8-scaled community files need their scales).
 FLOAT_STORAGE = ("F16", "BF16", "F32", "F64")
+FP8_STORAGE = "F8_E4M3"  # the block Linears of `bernini convert --weights fp8` output, beside their scales
 # Shared components: (subfolder of the base, its config file, whether it holds safetensors).
 SHARED = (("text_encoder", "config.json", True), ("vae", "config.json", True), ("scheduler", "scheduler_config.json", False))
 
@@ -72,16 +73,20 @@ def expert_key_sources(base: Path, ckpt: str | None, expert: str) -> list[dict[s
     return found
 
 
-def expected_tensors(config: Mapping[str, Any], path: Path) -> Expected:
-    """Every state-dict key of the expert `config` describes, with its shape and dtype (built on the meta device)."""
+def expected_tensors(config: Mapping[str, Any], path: Path, fp8_blocks: bool = False) -> Expected:
+    """Every state-dict key of the expert `config` describes, with its shape and dtype (built on the meta device);
+    ``fp8_blocks``: as `bernini convert --weights fp8` writes it (FP8 block Linears with their scales)."""
     import torch  # lazily, with the model: `import bernini.weights` stays light
 
+    from bernini import convert
     from bernini.models import TransformerConfig, WanTransformer
 
     try:
         cfg = TransformerConfig.from_dict(dict(config))
         with torch.device("meta"):
             model = WanTransformer(cfg)
+        if fp8_blocks:
+            convert.fp8_shells(model, "fp8", torch.device("meta"))
     except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as error:
         raise CheckpointError(f"{path} does not describe a usable Wan2.2 transformer ({first_line(error)}); restore it from the checkpoint's repository") from error
     return {key: (tuple(t.shape), t.dtype) for key, t in model.state_dict().items()}
@@ -90,8 +95,10 @@ def expected_tensors(config: Mapping[str, Any], path: Path) -> Expected:
 def check_expert(base: Path, ckpt: str | None, expert: str) -> int:
     """Keys, shapes and dtypes of one expert against its config; returns how many tensors were checked."""
     config_path = base / EXPERT_SUBFOLDERS[expert][0] / "config.json"
-    expected = expected_tensors(read_config(config_path), config_path)
+    from bernini import convert
+
     sources = expert_key_sources(base, ckpt, expert)
+    expected = expected_tensors(read_config(config_path), config_path, fp8_blocks=convert.holds_fp8(sources))
     where = ckpt or str(base / EXPERT_SUBFOLDERS[expert][0])
     present = {key for source in sources for key in source}
     missing = sorted(set(expected) - present)
@@ -134,7 +141,7 @@ def check_headers(chosen: Mapping[str, TensorRef], expected: Expected, config_pa
                     f"{file_key} in {file} has shape {list(shape)} but {config_path} makes {key} {list(want_shape)}; "
                     "the config and the weights belong to different models"
                 )
-            if want_dtype.is_floating_point and dtype not in FLOAT_STORAGE:
+            if want_dtype.is_floating_point and dtype not in FLOAT_STORAGE and not (want_dtype.itemsize == 1 and dtype == FP8_STORAGE):
                 raise CheckpointError(
                     f"{file_key} in {file} is stored as {dtype}; expert weights must be {'/'.join(FLOAT_STORAGE)} "
                     "(quantized files such as fp8_scaled are not supported: use the bf16/fp32 checkpoint, with --weights fp8 for less memory)"

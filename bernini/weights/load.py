@@ -243,7 +243,7 @@ def safetensors_device(device: torch.device) -> str | int:
 
 def cast_tensor(tensor: torch.Tensor, key: str, dtype: torch.dtype | None, keep_fp32: tuple[str, ...]) -> torch.Tensor:
     """Cast floating tensors to ``dtype``, or float32 for keep_fp32 modules (like diffusers)."""
-    if not tensor.is_floating_point():
+    if not tensor.is_floating_point() or tensor.element_size() == 1:  # float8: FP8 weights from `bernini convert` stay as stored
         return tensor
     if any(part in keep_fp32 for part in key.split(".")):
         return tensor.to(torch.float32)
