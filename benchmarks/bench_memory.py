@@ -214,7 +214,7 @@ def install(renderer: Renderer, name: str, load: sizes.Workload, args: argparse.
     renderer.experts = experts
     renderer.store = ExpertStore(experts, plan.offload, device, plan.prefetch_bytes, plan.host_blocks)
     renderer.memory_plan = plan
-    renderer.runtime = dataclasses.replace(renderer.runtime, offload=plan.offload, weights=spec.weights, batch_combos=plan.batch_combos)
+    renderer.runtime = dataclasses.replace(renderer.runtime, offload=plan.offload, weights=spec.weights, batch_passes=plan.batch_passes)
     renderer.place_text_encoder()
     (renderer.vae.model.enable_tiling if plan.vae_tiling else renderer.vae.model.disable_tiling)()
     if spec.capped:
@@ -297,7 +297,7 @@ def measure(renderer: Renderer, name: str, mode: str, case: tuple, settings: Gen
     expected = plan.phases or offload.Phases(0, 0, 0, 0)
     return dict(  # noqa: C408 -- a row of keyword columns
         mode=mode, plan=name, offload=plan.offload, host=plan.host, weights=plan.weights, text_encoder=plan.text_encoder, vae_tiling=plan.vae_tiling,
-        batch_combos=plan.batch_combos, chunk_tokens=plan.chunk_tokens, steps=len(steps), total_s=time.perf_counter() - start,
+        batch_passes=plan.batch_passes, chunk_tokens=plan.chunk_tokens, steps=len(steps), total_s=time.perf_counter() - start,
         s_per_step=sum(s.seconds for s in steps) / len(steps), step_s=[round(s.seconds, 3) for s in steps], high_s_per_step=_mean(per["high"]),
         low_s_per_step=_mean(per["low"]), peak_gib=max(peaks.gib.values()), reserved_gib=peaks.reserved, expected_peak_gib=plan.peak_bytes / GiB,
         phase_peak_gib={k: round(v, 2) for k, v in peaks.gib.items() if k != "before"},
@@ -332,7 +332,7 @@ def print_table(rows: list[dict[str, Any]], files: Files | None) -> None:
         phases = "/".join(f"{ph.get(k, 0):.1f}" for k in ("text", "encode", "denoise", "decode"))
         phases += " (" + "/".join(f"{ex[k]:.1f}" for k in ("text", "encode", "denoise", "decode")) + ")"
         place = f"{r['offload']}/{r['host']}/{r['weights']}/T5 {r['text_encoder']}/{'tiled' if r['vae_tiling'] else 'untiled'}"
-        place += f"/{'b' if r['batch_combos'] else 'u'}{'/c' + str(r['chunk_tokens']) if r['chunk_tokens'] else ''}"
+        place += f"/{'b' if r['batch_passes'] else 'u'}{'/c' + str(r['chunk_tokens']) if r['chunk_tokens'] else ''}"
         ratio = "" if r["vs_none"] is None else f"{r['vs_none']:.2f}x"
         print(f"{r['mode']:8} {r['plan']:13} {place:31} {r['s_per_step']:7.2f} {ratio:>7} {r['peak_gib']:8.2f} {r['expected_peak_gib']:6.2f} {r['reserved_gib']:8.2f} "
               f"{phases:>47} {r['host_peak_gib']:8.1f} {r['expected_host_gib']:6.1f} {r['read_gib']:5.1f} {err:>9}")
@@ -368,7 +368,7 @@ def main() -> None:
     print(f"device: {device_name()}  attention: {attention.current_backend()}  compile: {args.compile}  "
           f"fp8 via _scaled_mm: {fp8.scaled_mm_supported(renderer.device)}  base built in {time.perf_counter() - clock:.1f} s", flush=True)
     cases = {mode: synthetic(mode, args) for mode in args.modes}
-    load = sizes.workload_of([c[1] for c in cases.values()], runtime.batch_combos)
+    load = sizes.workload_of([c[1] for c in cases.values()], runtime.batch_passes)
     disk = {PLANS[n].weights for n in args.plans if PLANS[n].disk}
     root = args.files or Path(tempfile.mkdtemp(prefix="bernini-bench-experts-"))
     files = write_files(root, disk) if disk else None

@@ -166,7 +166,7 @@ def memory_plan_lines(request: BatchRequest, planned: Planned) -> list[str]:
         with offline_hub():
             sources = resolve(request)
             weights.preflight(sources)
-        plan = memory_plan_for(sources, runtime, offload.workload_of([p for _, p in planned], runtime.batch_combos))
+        plan = memory_plan_for(sources, runtime, offload.workload_of([p for _, p in planned], runtime.batch_passes))
     except weights.CheckpointError as exc:  # the files are there and unusable
         raise ValueError(f"checkpoint: {exc}") from None
     except (OSError, ValueError, KeyError, RuntimeError) as exc:

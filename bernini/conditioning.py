@@ -51,7 +51,7 @@ class SourceIdRule:
 
 
 def visual_sources(cond: Conditions, visual: str, rule: SourceIdRule) -> tuple[tuple[Source, float], ...]:
-    """The (source, source id) pairs a combo's visual part puts before the target.
+    """The (source, source id) pairs a pass's visual part puts before the target.
 
     none: target only. V: the first video, with its id from the VI numbering. I: the image and
     reference images, numbered on their own. VI: everything, numbered 1..n. A part the case
@@ -65,12 +65,12 @@ def visual_sources(cond: Conditions, visual: str, rule: SourceIdRule) -> tuple[t
         return tuple(zip(cond.references, rule.ids(len(cond.references)), strict=True))
     if visual == "VI":
         return tuple(zip(cond.all, rule.ids(len(cond.all)), strict=True))
-    raise ValueError(f"unknown visual combo part {visual!r}; expected none, V, I or VI")
+    raise ValueError(f"unknown visual pass part {visual!r}; expected none, V, I or VI")
 
 
 @dataclass(frozen=True)
 class Layout:
-    """One distinct packed sequence [conditions..., target]: what the transformer sees for a combo."""
+    """One distinct packed sequence [conditions..., target]: what the transformer sees for a pass."""
 
     conditions: tuple[tuple[Source, float], ...]
     cos: torch.Tensor  # [L_total, head_dim/2]
@@ -103,5 +103,5 @@ def build_layout(
 
 
 def layout_key(sources: tuple[tuple[Source, float], ...]) -> tuple:
-    """Combos whose sequences are identical share one key (e.g. V and none when there is no video)."""
+    """Passes whose sequences are identical share one key (e.g. V and none when there is no video)."""
     return tuple((id(s.packed), sid) for s, sid in sources)

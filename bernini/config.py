@@ -199,7 +199,7 @@ class RuntimeConfig:
     dtype: Dtype = flag("bfloat16", "runtime", "compute dtype of the models (float32 for exact CPU runs)")
     attention: Attention = flag("auto", "runtime", "attention kernel; auto: FA3 > FA4 > SDPA on Hopper, FA2 > SDPA on Ampere/Ada")
     compile: bool | None = flag(None, "runtime", "regional torch.compile of the blocks", default_text="on for CUDA, off on the CPU")
-    batch_combos: bool = flag(True, "runtime", "run equal-length guidance passes of a step as one batch")
+    batch_passes: bool = flag(True, "runtime", "run equal-length guidance passes of a step as one batch", "--batch_combos")  # --batch_combos: its earlier name
     offload: Offload = flag("auto", "runtime", "where the experts wait: none (on the GPU), expert, block; auto: the fastest that fits")
     t5_cpu: bool = flag(False, "runtime", "encode text on the CPU (otherwise UMT5 waits in pinned host memory and visits the GPU)")
     weights: Weights = flag("bf16", "runtime", "fp8: block Linear weights as float8_e4m3fn + per-channel scales (lossy, about half the memory)")

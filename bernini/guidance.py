@@ -1,4 +1,4 @@
-"""Guidance modes that combine per-combo Bernini-R DiT velocity predictions into one velocity, and which passes they need."""
+"""Guidance modes that combine per-pass Bernini-R DiT velocity predictions into one velocity, and which passes they need."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ PLANNER_ONLY_MODES: tuple[str, ...] = ("vae_txt_vit_wapg", "rv2v_wapg")
 _NORMALIZE_EPS = 1e-12
 
 
-class Combo(NamedTuple):
+class GuidancePass(NamedTuple):
     """One conditioning combination: visual part in VISUALS and text embedding in TEXTS."""
 
     visual: str
@@ -32,13 +32,13 @@ class Combo(NamedTuple):
         return f"{self.visual}·{self.text}"
 
 
-NONE_U = Combo("none", "u")
-NONE_C = Combo("none", "c")
-V_U = Combo("V", "u")
-I_U = Combo("I", "u")
-I_C = Combo("I", "c")
-VI_U = Combo("VI", "u")
-VI_C = Combo("VI", "c")
+NONE_U = GuidancePass("none", "u")
+NONE_C = GuidancePass("none", "c")
+V_U = GuidancePass("V", "u")
+I_U = GuidancePass("I", "u")
+I_C = GuidancePass("I", "c")
+VI_U = GuidancePass("VI", "u")
+VI_C = GuidancePass("VI", "c")
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ class GuidanceState:
 
 @dataclass(frozen=True)
 class StepContext:
-    """Everything a combine function may need besides the per-combo values."""
+    """Everything a combine function may need besides the per-pass values."""
 
     scales: GuidanceScales
     frames: int
@@ -130,8 +130,8 @@ class Term:
     """One guidance term: ``scale * G(plus - minus)``, G the plain difference or, in APG modes, N(d; plus)."""
 
     scale: str  # "vid" | "img" | "txt": the GuidanceScales field; also the name of its APG momentum buffer
-    plus: Combo  # the more conditioned side (APG projects onto it)
-    minus: Combo
+    plus: GuidancePass  # the more conditioned side (APG projects onto it)
+    minus: GuidancePass
 
 
 @dataclass(frozen=True)
@@ -139,12 +139,12 @@ class GuidanceMode:
     """A guidance mode: ``base + sum(scale * G(plus - minus))`` over its terms (all seven modes have this form)."""
 
     name: str
-    base: Combo
+    base: GuidancePass
     terms: tuple[Term, ...]
     uses_apg: bool
 
     @property
-    def combos(self) -> tuple[Combo, ...]:
+    def passes(self) -> tuple[GuidancePass, ...]:
         """The passes the full formula reads, base first, then each term's sides in order."""
         seen = [self.base]
         for term in self.terms:
@@ -190,7 +190,7 @@ def normalized_guidance(
     return project_per_frame(clip_per_frame(running, frames, threshold), base, frames, eta)
 
 
-def _evaluate(mode: GuidanceMode, values: Mapping[Combo, Tensor], step: StepContext) -> Tensor:
+def _evaluate(mode: GuidanceMode, values: Mapping[GuidancePass, Tensor], step: StepContext) -> Tensor:
     """base + sum(scale * G): velocities for the plain modes, x0 estimates for the APG ones."""
     out = values[mode.base]
     for index, term in enumerate(mode.terms):
@@ -204,7 +204,7 @@ def _evaluate(mode: GuidanceMode, values: Mapping[Combo, Tensor], step: StepCont
     return out
 
 
-def _mode(name: str, base: Combo, *terms: tuple[str, Combo, Combo]) -> GuidanceMode:
+def _mode(name: str, base: GuidancePass, *terms: tuple[str, GuidancePass, GuidancePass]) -> GuidanceMode:
     return GuidanceMode(name, base, tuple(Term(*t) for t in terms), uses_apg=name.endswith("_apg"))
 
 
@@ -236,8 +236,8 @@ def get_mode(name: str) -> GuidanceMode:
 
 
 def required_visuals(mode: GuidanceMode) -> set[str]:
-    """Visual parts ("none", "V", "I", "VI") that the mode's combos use."""
-    return {combo.visual for combo in mode.combos}
+    """Visual parts ("none", "V", "I", "VI") that the mode's passes use."""
+    return {pass_.visual for pass_ in mode.passes}
 
 
 def new_state(mode: GuidanceMode | str) -> GuidanceState:
@@ -254,9 +254,9 @@ def _is_identity(apg: APGSettings, index: int) -> bool:
     return apg.eta == 1.0 and (threshold <= 0 or math.isinf(threshold))
 
 
-def active_combos(
+def active_passes(
     mode: GuidanceMode, scales: GuidanceScales, apg: APGSettings, buffers_read_later: Collection[str] | None = None
-) -> tuple[Combo, ...]:
+) -> tuple[GuidancePass, ...]:
     """The passes whose predictions the mode's output depends on at these scales; the others carry zero weight.
 
     Every mode is ``base + sum(s * G(plus - minus))``. A term with s = 0 adds nothing. A term whose G is linear
@@ -266,8 +266,8 @@ def active_combos(
     With momentum != 0 an APG term's buffer carries this step's difference into later steps, so a term in
     ``buffers_read_later`` (None: every term, the safe default) keeps both sides whatever its scale.
     """
-    weights: dict[Combo, float] = {mode.base: 1.0}
-    needed: set[Combo] = set()
+    weights: dict[GuidancePass, float] = {mode.base: 1.0}
+    needed: set[GuidancePass] = set()
     later = {t.scale for t in mode.terms} if buffers_read_later is None else set(buffers_read_later)
     for index, term in enumerate(mode.terms):
         s = getattr(scales, term.scale)
@@ -280,20 +280,20 @@ def active_combos(
         else:
             weights[term.plus] = weights.get(term.plus, 0.0) + s
             weights[term.minus] = weights.get(term.minus, 0.0) - s
-    needed |= {combo for combo, weight in weights.items() if weight != 0}
-    return tuple(combo for combo in mode.combos if combo in needed)
+    needed |= {pass_ for pass_, weight in weights.items() if weight != 0}
+    return tuple(pass_ for pass_ in mode.passes if pass_ in needed)
 
 
 def _check_inputs(
-    mode: GuidanceMode, preds: Mapping[Combo, Tensor], needed: tuple[Combo, ...], x_t: Tensor, frames: int, state: GuidanceState
+    mode: GuidanceMode, preds: Mapping[GuidancePass, Tensor], needed: tuple[GuidancePass, ...], x_t: Tensor, frames: int, state: GuidanceState
 ) -> None:
     if state.mode != mode.name:
         raise ValueError(
             f"guidance state belongs to mode {state.mode!r}, not {mode.name!r}; use new_state(mode)"
         )
-    missing = [str(combo) for combo in needed if combo not in preds]
+    missing = [str(pass_) for pass_ in needed if pass_ not in preds]
     if missing:
-        names = ", ".join(str(combo) for combo in needed)
+        names = ", ".join(str(pass_) for pass_ in needed)
         raise ValueError(
             f"mode {mode.name!r} is missing prediction(s) {', '.join(missing)}; it needs {names}"
         )
@@ -303,10 +303,10 @@ def _check_inputs(
         raise ValueError(
             f"frames={frames} must be positive and divide the token count L={x_t.shape[1]}"
         )
-    for combo in mode.combos:
-        if combo in preds and preds[combo].shape != x_t.shape:
+    for pass_ in mode.passes:
+        if pass_ in preds and preds[pass_].shape != x_t.shape:
             raise ValueError(
-                f"prediction {combo} has shape {tuple(preds[combo].shape)}, "
+                f"prediction {pass_} has shape {tuple(preds[pass_].shape)}, "
                 f"expected x_t shape {tuple(x_t.shape)}"
             )
 
@@ -331,7 +331,7 @@ def to_velocity(x_t: Tensor, x0: Tensor, sigma: float) -> Tensor:
 
 def combine(
     mode: GuidanceMode,
-    preds: Mapping[Combo, Tensor],
+    preds: Mapping[GuidancePass, Tensor],
     x_t: Tensor,
     sigma: float,
     frames: int,
@@ -340,24 +340,24 @@ def combine(
     state: GuidanceState,
     buffers_read_later: Collection[str] | None = None,
 ) -> Tensor:
-    """Combine the mode's per-combo velocity predictions into one float32 [B, L, C] velocity.
+    """Combine the mode's per-pass velocity predictions into one float32 [B, L, C] velocity.
 
-    `preds` may leave out passes that carry zero weight at these scales (:func:`active_combos`).
+    `preds` may leave out passes that carry zero weight at these scales (:func:`active_passes`).
     """
-    needed = active_combos(mode, scales, apg, buffers_read_later)
+    needed = active_passes(mode, scales, apg, buffers_read_later)
     _check_inputs(mode, preds, needed, x_t, frames, state)
     # Predictions may be bf16; the combination is done in float32.
-    velocities = {combo: preds[combo].float() for combo in mode.combos if combo in preds}
+    velocities = {pass_: preds[pass_].float() for pass_ in mode.passes if pass_ in preds}
     # A left-out pass has coefficient 0, so any finite stand-in gives the same result; the first needed pass
     # turns the differences it enters into 0 (all scales 1: every difference, and the output is that pass).
     stand_in = velocities[needed[0]]  # never empty: the coefficients always sum to 1
-    velocities = {combo: velocities.get(combo, stand_in) for combo in mode.combos}
+    velocities = {pass_: velocities.get(pass_, stand_in) for pass_ in mode.passes}
     step = StepContext(scales=scales, frames=frames, apg=apg, state=state)
     if not mode.uses_apg:
         return _evaluate(mode, velocities, step)
     _check_sigma(mode, sigma)
     x_t32 = x_t.float()
-    x0 = {combo: to_x0(x_t32, v, sigma) for combo, v in velocities.items()}
+    x0 = {pass_: to_x0(x_t32, v, sigma) for pass_, v in velocities.items()}
     guided = _evaluate(mode, x0, step)
-    logger.debug("guidance %s at sigma=%.4f combined %d of %d passes", mode.name, sigma, len(needed), len(mode.combos))
+    logger.debug("guidance %s at sigma=%.4f combined %d of %d passes", mode.name, sigma, len(needed), len(mode.passes))
     return to_velocity(x_t32, guided, sigma)

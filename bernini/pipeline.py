@@ -35,7 +35,7 @@ from bernini.models import (
 )
 from bernini.offload import ExpertStore, MemoryPlan
 from bernini.plan import PATCH, CasePlan, effective_settings, plan_case
-from bernini.sampling import Denoiser, LocalCombos, SamplingPlan, StepEvent, initial_noise, sampling_plan
+from bernini.sampling import Denoiser, LocalPasses, SamplingPlan, StepEvent, initial_noise, sampling_plan
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ class Placement:
     """
 
     sequence: LocalSequence = field(default_factory=LocalSequence)  # Ulysses: shard, attend and gather over the group
-    passes: LocalCombos = field(default_factory=LocalCombos)  # CFG parallel: which guidance passes run here
+    passes: LocalPasses = field(default_factory=LocalPasses)  # CFG parallel: which guidance passes run here
     decodes: bool = True  # False on ranks that help a group but do not decode or write
 
 
@@ -323,7 +323,7 @@ class Renderer:
         if gemm == "torchao" and plan.offload != "none":
             raise ValueError(f"--fp8_gemm torchao needs the experts resident, but the memory plan is --offload {plan.offload}; "
                              "use --fp8_gemm scaled_mm (it works with every offload plan) or free GPU memory")
-        runtime = dataclasses.replace(runtime, batch_combos=plan.batch_combos)  # unbatched when only that fits
+        runtime = dataclasses.replace(runtime, batch_passes=plan.batch_passes)  # unbatched when only that fits
         cap_gpu_memory(runtime.max_gpu_memory, device)
         text_encoder = TextEncoder.load(sources.base, dtype=dtype, device="cpu", max_length=sources.renderer.max_sequence_length)
         vae = VAE.load(sources.base, device=device)
@@ -402,7 +402,7 @@ class Renderer:
         timings = {"text_encode": encoded - clock, "vae_encode": time.perf_counter() - encoded}
         grid = plan.grid
         noise = initial_noise(settings.seed, (1, 16, grid[0] * PATCH[0], grid[1] * PATCH[1], grid[2] * PATCH[2]))
-        sampling = sampling_plan(settings, get_mode(plan.guidance_mode), self.sources.renderer.switch_dit_boundary, self.runtime.batch_combos)
+        sampling = sampling_plan(settings, get_mode(plan.guidance_mode), self.sources.renderer.switch_dit_boundary, self.runtime.batch_passes)
         rule = SourceIdRule(settings.use_src_tgt_id, settings.interpolate_src_id, settings.max_trained_src_id)
         return Prepared(case, plan, prompt_used, text, conditions, patchify(noise, PATCH), sampling, rule, timings, copied)
 

@@ -66,7 +66,7 @@ class PassRun:
     steps: tuple[int, int]
     expert: str
     omega: tuple[float, float, float]  # vid, img, txt
-    passes: tuple[str, ...]  # combos run, e.g. "VI·c"; empty: the step cannot move the latent and runs nothing
+    passes: tuple[str, ...]  # passes run, e.g. "VI·c"; empty: the step cannot move the latent and runs nothing
 
 
 def pass_runs(steps: Sequence[Step]) -> tuple[PassRun, ...]:
@@ -177,7 +177,7 @@ def plan_case(case: Case, settings: GenerationSettings) -> CasePlan:
     tokens = _tokens(grid)
     fake = _fake_conditions(case, sources)
     rule = SourceIdRule(settings.use_src_tgt_id, settings.interpolate_src_id, settings.max_trained_src_id)
-    per_forward = tuple(tokens + sum(s.tokens for s, _ in visual_sources(fake, c.visual, rule)) for c in get_mode(mode_name).combos)
+    per_forward = tuple(tokens + sum(s.tokens for s, _ in visual_sources(fake, c.visual, rule)) for c in get_mode(mode_name).passes)
     warnings = media_warnings(case, mode_name, fake, rule)
     for warning in warnings:
         log.warning("%s: %s", case.source, warning)
@@ -226,9 +226,9 @@ def media_warnings(case: Case, mode_name: str, cond: Conditions, rule: SourceIdR
         if sizing is not None and id(sizing) in unused and (cond.videos or cond.image is not None):
             note = " (it still sets the output's size and frame count)" if cond.videos else " (it still sets the output's size)"
         users = [m for m in GUIDANCE_MODES if not _unseen(cond, m, rule)]
-        combos = ", ".join(str(c) for c in get_mode(mode_name).combos)
+        passes = ", ".join(str(c) for c in get_mode(mode_name).passes)
         warnings.append(
-            f"guidance mode {mode_name!r} ({combos}) never shows the model the case's {', '.join(names)}{note}; "
+            f"guidance mode {mode_name!r} ({passes}) never shows the model the case's {', '.join(names)}{note}; "
             f"modes that use all of its media: {', '.join(users)} (--guidance_mode or 'guidance_mode')"
         )
     return tuple(warnings)
@@ -236,7 +236,7 @@ def media_warnings(case: Case, mode_name: str, cond: Conditions, rule: SourceIdR
 
 def _unseen(cond: Conditions, mode_name: str, rule: SourceIdRule) -> set[int]:
     """ids of the condition sources that none of the mode's passes puts in the sequence."""
-    seen = {id(s) for combo in get_mode(mode_name).combos for s, _ in visual_sources(cond, combo.visual, rule)}
+    seen = {id(s) for pass_ in get_mode(mode_name).passes for s, _ in visual_sources(cond, pass_.visual, rule)}
     return {id(s) for s in cond.all} - seen
 
 

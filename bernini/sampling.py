@@ -16,28 +16,28 @@ import torch
 from bernini import attention
 from bernini.conditioning import Conditions, Layout, SourceIdRule, build_layout, layout_key, visual_sources
 from bernini.config import GenerationSettings
-from bernini.guidance import APGSettings, Combo, GuidanceMode, GuidanceScales, active_combos, combine, new_state
+from bernini.guidance import APGSettings, GuidanceMode, GuidancePass, GuidanceScales, active_passes, combine, new_state
 from bernini.models import TextKV, WanTransformer
 
 log = logging.getLogger(__name__)
 
 
 def _select_rows(kv_all: TextKV, rows: list[int]) -> TextKV:
-    """The text K/V rows for a batch of combos; a view when the rows are contiguous."""
+    """The text K/V rows for a batch of passes; a view when the rows are contiguous."""
     if rows == list(range(rows[0], rows[0] + len(rows))):
         return [(k[rows[0] : rows[0] + len(rows)], v[rows[0] : rows[0] + len(rows)]) for k, v in kv_all]
     return [(k[rows], v[rows]) for k, v in kv_all]
 
 
-class LocalCombos:
-    """Combo placement for one process: it runs every combo. CFG parallel swaps in another."""
+class LocalPasses:
+    """Pass placement for one process: it runs every pass. CFG parallel swaps in another."""
 
-    def select(self, work: list[tuple[Combo, int]]) -> set[Combo]:
-        """The combos this process computes, from (combo, sequence length) of the step."""
-        return {combo for combo, _ in work}
+    def select(self, work: list[tuple[GuidancePass, int]]) -> set[GuidancePass]:
+        """The passes this process computes, from (pass, sequence length) of the step."""
+        return {pass_ for pass_, _ in work}
 
-    def exchange(self, preds: dict[Combo, torch.Tensor], combos: tuple[Combo, ...]) -> dict[Combo, torch.Tensor]:
-        """Every combo's prediction, after sharing this process's ones with its peers."""
+    def exchange(self, preds: dict[GuidancePass, torch.Tensor], passes: tuple[GuidancePass, ...]) -> dict[GuidancePass, torch.Tensor]:
+        """Every pass's prediction, after sharing this process's ones with its peers."""
         return preds
 
 
@@ -128,7 +128,7 @@ class SamplingPlan:
     shift: float
     use_unipc: bool
     boundary: float
-    batch_combos: bool = True
+    batch_passes: bool = True
     low: tuple[float | None, float | None, float | None] = (None, None, None)  # explicit low-expert (vid, img, txt)
     switch_step: int | None = None  # number of high-expert steps; None: the boundary rule
     skip_zero_passes: bool = True
@@ -139,7 +139,7 @@ class SamplingPlan:
         return {"high": self.scales, "low": switched.replaced(*self.low)}
 
 
-def sampling_plan(settings: GenerationSettings, mode: GuidanceMode, boundary: float, batch_combos: bool = True) -> SamplingPlan:
+def sampling_plan(settings: GenerationSettings, mode: GuidanceMode, boundary: float, batch_passes: bool = True) -> SamplingPlan:
     """The loop's plan from the generation settings; the renderer's config gives the switch boundary."""
     return SamplingPlan(
         mode=mode,
@@ -150,7 +150,7 @@ def sampling_plan(settings: GenerationSettings, mode: GuidanceMode, boundary: fl
         shift=settings.flow_shift,
         use_unipc=settings.use_unipc,
         boundary=boundary,
-        batch_combos=batch_combos,
+        batch_passes=batch_passes,
         low=(settings.omega_vid_low, settings.omega_img_low, settings.omega_txt_low),
         switch_step=settings.switch_step,
         skip_zero_passes=settings.skip_zero_passes,
@@ -164,7 +164,7 @@ class Step:
     index: int
     expert: str
     scales: GuidanceScales
-    passes: tuple[Combo, ...]
+    passes: tuple[GuidancePass, ...]
     buffers_read_later: frozenset[str] = frozenset()  # APG terms whose momentum a later step reads
 
 
@@ -195,7 +195,7 @@ def plan_steps(plan: SamplingPlan, timesteps: torch.Tensor, sigmas: list[float],
         if still[i]:
             steps.append(Step(i, names[i], s, ()))
             continue
-        passes = active_combos(plan.mode, s, plan.apg, read_later) if plan.skip_zero_passes else plan.mode.combos
+        passes = active_passes(plan.mode, s, plan.apg, read_later) if plan.skip_zero_passes else plan.mode.passes
         steps.append(Step(i, names[i], s, passes, read_later))
         if plan.mode.uses_apg and plan.apg.momentum != 0:
             read_later = read_later | {t.scale for t in plan.mode.terms if getattr(s, t.scale) != 0}
@@ -230,7 +230,7 @@ class DenoiseResult:
 
 
 class Denoiser:
-    """Runs one case's loop. Combos with the same sequence share layouts and run as one batch."""
+    """Runs one case's loop. Passes with the same sequence share layouts and run as one batch."""
 
     def __init__(
         self,
@@ -239,10 +239,10 @@ class Denoiser:
         scheduler_config: Mapping[str, Any],
         head_dim: int,
         device: torch.device,
-        combos: "LocalCombos | None" = None,
+        passes: "LocalPasses | None" = None,
         prefetch: Callable[[str], None] | None = None,
     ):
-        self.combos = combos or LocalCombos()
+        self.passes = passes or LocalPasses()
         self.experts = experts
         self.prefetch = prefetch  # called with the next expert during the last step before a switch
         self.expert_names = expert_names
@@ -250,14 +250,14 @@ class Denoiser:
         self.head_dim = head_dim
         self.device = device
 
-    def _groups(self, plan: SamplingPlan, cond: Conditions, rule: SourceIdRule, target_grid) -> list[tuple[Layout, list[Combo]]]:
-        groups: dict[tuple, tuple[Layout, list[Combo]]] = {}
-        for combo in plan.mode.combos:
-            sources = visual_sources(cond, combo.visual, rule)
+    def _groups(self, plan: SamplingPlan, cond: Conditions, rule: SourceIdRule, target_grid) -> list[tuple[Layout, list[GuidancePass]]]:
+        groups: dict[tuple, tuple[Layout, list[GuidancePass]]] = {}
+        for pass_ in plan.mode.passes:
+            sources = visual_sources(cond, pass_.visual, rule)
             key = layout_key(sources)
             if key not in groups:
                 groups[key] = (build_layout(sources, target_grid, self.head_dim, self.device), [])
-            groups[key][1].append(combo)
+            groups[key][1].append(pass_)
         return list(groups.values())
 
     def run(
@@ -324,20 +324,20 @@ class Denoiser:
         patches = layout.condition_patches()
         return None if patches is None else model.embed(patches.to(model.proj_out.weight.device))
 
-    def _predict(self, model, plan, groups, cond_tokens, kv_all, text_order, x, t, passes) -> dict[Combo, torch.Tensor]:
+    def _predict(self, model, plan, groups, cond_tokens, kv_all, text_order, x, t, passes) -> dict[GuidancePass, torch.Tensor]:
         target = model.embed(x)
-        preds: dict[Combo, torch.Tensor] = {}
-        mine = self.combos.select([(c, layout.total_tokens) for layout, combos in groups for c in combos if c in passes])
-        for (layout, all_combos), cond in zip(groups, cond_tokens, strict=True):
-            combos = [c for c in all_combos if c in mine]
-            if not combos:
+        preds: dict[GuidancePass, torch.Tensor] = {}
+        mine = self.passes.select([(c, layout.total_tokens) for layout, group in groups for c in group if c in passes])
+        for (layout, group), cond in zip(groups, cond_tokens, strict=True):
+            here = [c for c in group if c in mine]
+            if not here:
                 continue
             tokens = target if cond is None else torch.cat([cond, target], dim=1)
-            batches = [combos] if plan.batch_combos else [[c] for c in combos]
+            batches = [here] if plan.batch_passes else [[c] for c in here]
             for batch in batches:
                 kv = _select_rows(kv_all, [text_order.index(c.text) for c in batch])
                 timestep = t.float().expand(len(batch)).to(x.device)
                 out = model(tokens.expand(len(batch), -1, -1), timestep, kv, (layout.cos, layout.sin))
-                for j, combo in enumerate(batch):
-                    preds[combo] = out[j : j + 1, -layout.target_tokens :]
-        return self.combos.exchange(preds, passes)
+                for j, pass_ in enumerate(batch):
+                    preds[pass_] = out[j : j + 1, -layout.target_tokens :]
+        return self.passes.exchange(preds, passes)

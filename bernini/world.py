@@ -110,7 +110,7 @@ class LocalWorld:
         from bernini.engine import Engine
 
         try:
-            workload = workload_of(plans, runtime.batch_combos) if plans else None
+            workload = workload_of(plans, runtime.batch_passes) if plans else None
             return Engine.from_sources(sources, runtime=runtime, settings=settings, workload=workload, identity=identity)
         except Exception as exc:
             log.error("the models could not be loaded: %s", describe(exc), exc_info=not isinstance(exc, ValueError))

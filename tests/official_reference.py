@@ -11,7 +11,7 @@ what the official code changes around them:
   all tokens share one timestep, attention is full over the whole sequence, and only the last
   ``L_target`` output tokens are kept (packed ``(t h w)(pt ph pw c)`` layout);
 * source ids (target 0, conditions 1..n in the order videos, image, images; ``linspace(1, 5, n)``
-  beyond ``max_trained_src_id``) and the none / V / I / VI combos;
+  beyond ``max_trained_src_id``) and the none / V / I / VI passes;
 * the seven renderer guidance formulas, the APG ones in x0 space in float64 on unpacked tensors;
 * the UniPC loop with the expert switch at ``int(t) >= 875`` and the one-off omega scaling.
 
@@ -72,8 +72,8 @@ DEFAULT_NEG_PROMPT = (
     "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
 
-# Spec section 5.3: (visual part, text) combos each mode evaluates, in the official order.
-MODE_COMBOS: dict[str, tuple[tuple[str, str], ...]] = {
+# Spec section 5.3: (visual part, text) passes each mode evaluates, in the official order.
+MODE_PASSES: dict[str, tuple[tuple[str, str], ...]] = {
     "rv2v": (("none", "u"), ("V", "u"), ("VI", "u"), ("VI", "c")),
     "v2v": (("VI", "u"), ("VI", "c")),
     "v2v_chain": (("none", "u"), ("V", "u"), ("VI", "c")),
@@ -241,7 +241,7 @@ def official_forward(
 
 
 # ---------------------------------------------------------------------------------------------
-# Source ids and combos
+# Source ids and passes
 # ---------------------------------------------------------------------------------------------
 
 
@@ -251,7 +251,7 @@ def source_ids(count: int, max_trained: int = MAX_TRAINED_SRC_ID, interpolate: b
     return [float(i) for i in range(1, count + 1)]
 
 
-def combo_sources(
+def pass_sources(
     visual: str, videos: Sequence[torch.Tensor], image: torch.Tensor | None, images: Sequence[torch.Tensor]
 ) -> tuple[list[torch.Tensor], list[float]]:
     refs = ([image] if image is not None else []) + list(images)
@@ -401,8 +401,8 @@ def sample(
         seen_omegas.setdefault(name, omegas)
         model = experts.high if name == "high" else experts.low
         e = {}
-        for visual, txt in MODE_COMBOS[mode]:
-            conds, ids = combo_sources(visual, videos, image, images)
+        for visual, txt in MODE_PASSES[mode]:
+            conds, ids = pass_sources(visual, videos, image, images)
             packed = official_forward(model, conds + [x], ids + [0.0], t, text[txt])
             e[visual, txt] = unpack(packed.float(), latent_shape)
         v = guide(mode, e, x, sigmas[i], omegas, eta=eta, norm_threshold=norm_threshold, momentum=momentum, state=state)

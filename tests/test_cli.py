@@ -171,6 +171,12 @@ def test_solver_and_use_unipc_are_one_setting() -> None:
         settings_from(parse("--no-use_unipc", "--solver", "unipc"))
 
 
+@pytest.mark.parametrize(("argv", "expected"), [(("--no-batch_combos",), False), (("--batch_combos",), True), (("--no-batch_passes",), False), ((), True)])
+def test_batch_passes_keeps_its_earlier_name(argv: tuple[str, ...], expected: bool) -> None:
+    # --batch_combos was the flag's name until the code said "passes" everywhere; scripts still use it.
+    assert runtime_from(parse(*argv)).batch_passes is expected
+
+
 def test_planner_guidance_modes_parse_and_are_refused_by_name() -> None:
     args = parse("--guidance_mode", "vae_txt_vit_wapg")
     with pytest.raises(ValueError, match="--guidance_mode vae_txt_vit_wapg belongs to the full Bernini planner"):

@@ -31,7 +31,7 @@ A14B = memory.ModelSizes(
     expert_params=memory.transformer_params(A14B_TRANSFORMER), experts=2, text_encoder_params=memory.umt5_encoder_params(UMT5_XXL),
     vae_bytes=507_591_892, dim=5120, ffn_dim=13824, num_layers=40,
 )
-V2V_480P = memory.Workload(tokens=2 * 2 * 21 * 30 * 53, pixels=848 * 480, frames=81)  # source + target, 2 combos batched
+V2V_480P = memory.Workload(tokens=2 * 2 * 21 * 30 * 53, pixels=848 * 480, frames=81)  # source + target, 2 passes batched
 
 
 @pytest.fixture(scope="session")
@@ -107,11 +107,11 @@ def plan(tokens: tuple[int, ...], width: int = 848, height: int = 480, frames: i
     return CasePlan("c", "v2v", "v2v", frames, width, height, 16.0, (21, 30, 53), "o.mp4", (src,), len(tokens), tokens, 40)
 
 
-def test_workload_batches_equal_length_combos() -> None:
+def test_workload_batches_equal_length_passes() -> None:
     plans = [plan((66780, 66780)), plan((33390, 66780, 66780, 100000), 640, 352, 49)]
-    load = memory.workload_of(plans, batch_combos=True)
+    load = memory.workload_of(plans, batch_passes=True)
     assert (load.tokens, load.pixels, load.frames, load.single_tokens) == (133560, 848 * 480, 81, 100000)
-    assert memory.workload_of(plans, batch_combos=False).tokens == 100000
+    assert memory.workload_of(plans, batch_passes=False).tokens == 100000
 
 
 # --------------------------------------------------------------------------- dependencies vs the supported range

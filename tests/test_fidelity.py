@@ -1,7 +1,7 @@
 """Fidelity: our renderer's final latent equals an independent re-implementation of the official one.
 
 `tests/official_reference.py` re-implements the official Bernini-R sampling from the spec (packed
-multi-source forward with source-id RoPE on plain diffusers experts, combos, guidance formulas, APG,
+multi-source forward with source-id RoPE on plain diffusers experts, passes, guidance formulas, APG,
 expert switch, omega scaling, UniPC loop). It shares only the text encoder and the VAE with
 `bernini` (media loading + VAE encode, and UMT5 embeddings), as inputs.
 
@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 CASES_DIR = REPO / "assets" / "testcases"
 BUNDLED = {str(p.relative_to(CASES_DIR).with_suffix("")): p for p in sorted(CASES_DIR.rglob("*.json"))}
 SEVEN_REFS = "generated/r2v_seven_refs"
-MODES = tuple(ref.MODE_COMBOS)
+MODES = tuple(ref.MODE_PASSES)
 SINGLE_FRAME_TASKS = {"t2i", "i2i", "r2i"}
 
 RTOL = 1e-4  # relative L2 error of the final latent

@@ -9,7 +9,7 @@ import torch
 from bernini.guidance import (
     GUIDANCE_MODES,
     APGSettings,
-    Combo,
+    GuidancePass,
     GuidanceScales,
     combine,
     get_mode,
@@ -23,7 +23,7 @@ SCALES = GuidanceScales(vid=1.25, img=4.5, txt=4.0)
 NON_APG_TOL = 1e-6
 APG_TOL = 1e-6
 
-EXPECTED_COMBOS: dict[str, set[tuple[str, str]]] = {
+EXPECTED_PASSES: dict[str, set[tuple[str, str]]] = {
     "rv2v": {("none", "u"), ("V", "u"), ("VI", "u"), ("VI", "c")},
     "v2v": {("VI", "u"), ("VI", "c")},
     "v2v_chain": {("none", "u"), ("V", "u"), ("VI", "c")},
@@ -36,11 +36,11 @@ EXPECTED_COMBOS: dict[str, set[tuple[str, str]]] = {
 
 def make_inputs(
     mode_name: str, dtype: torch.dtype, seed: int
-) -> tuple[dict[Combo, torch.Tensor], torch.Tensor]:
+) -> tuple[dict[GuidancePass, torch.Tensor], torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     preds = {
-        Combo(*pair): torch.randn(B, L, C, generator=gen).to(dtype)
-        for pair in sorted(EXPECTED_COMBOS[mode_name])
+        GuidancePass(*pair): torch.randn(B, L, C, generator=gen).to(dtype)
+        for pair in sorted(EXPECTED_PASSES[mode_name])
     }
     x_t = torch.randn(B, L, C, generator=gen, dtype=torch.float32)
     return preds, x_t
@@ -197,20 +197,20 @@ def test_v2v_apg_unit_weights_reduce_to_conditional_prediction() -> None:
     apg = APGSettings(eta=1.0, norm_threshold=(0.0,), momentum=0.0)
     preds, x_t = make_inputs("v2v_apg", torch.float32, seed=4)
     out = combine(mode, preds, x_t, 0.4, T, ones, apg, new_state(mode))
-    torch.testing.assert_close(out, preds[Combo("VI", "c")], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, preds[GuidancePass("VI", "c")], rtol=1e-5, atol=1e-5)
 
 
-def test_combo_tables() -> None:
-    assert set(GUIDANCE_MODES) == set(EXPECTED_COMBOS)
-    counts = {name: len(mode.combos) for name, mode in GUIDANCE_MODES.items()}
+def test_pass_tables() -> None:
+    assert set(GUIDANCE_MODES) == set(EXPECTED_PASSES)
+    counts = {name: len(mode.passes) for name, mode in GUIDANCE_MODES.items()}
     assert counts == {
         "rv2v": 4, "v2v": 2, "v2v_chain": 3, "t2v": 2, "t2v_apg": 2, "v2v_apg": 2, "r2v_apg": 3,
     }
     for name, mode in GUIDANCE_MODES.items():
         assert mode.name == name
-        assert {tuple(c) for c in mode.combos} == EXPECTED_COMBOS[name]
+        assert {tuple(c) for c in mode.passes} == EXPECTED_PASSES[name]
         assert mode.uses_apg == name.endswith("_apg")
-        assert required_visuals(mode) == {visual for visual, _ in EXPECTED_COMBOS[name]}
+        assert required_visuals(mode) == {visual for visual, _ in EXPECTED_PASSES[name]}
 
 
 def test_scaled() -> None:
@@ -229,10 +229,10 @@ def test_planner_modes_are_rejected_with_explanation(name: str) -> None:
         get_mode(name)
 
 
-def test_missing_combo_is_named() -> None:
+def test_missing_pass_is_named() -> None:
     mode = get_mode("rv2v")
     preds, x_t = make_inputs("rv2v", torch.float32, seed=5)
-    del preds[Combo("V", "u")]
+    del preds[GuidancePass("V", "u")]
     with pytest.raises(ValueError, match=r"missing prediction\(s\) V·u;"):
         combine(mode, preds, x_t, 0.5, T, SCALES, APGSettings(), new_state(mode))
 

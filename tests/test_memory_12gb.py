@@ -333,7 +333,7 @@ def test_a_12_gb_card_with_32_gb_of_host_memory_gets_the_expected_plan(mode: str
     line = chosen.describe()
     assert "only the expert in use" in line and "expected cost" in line and f"of {HOST - 2:.1f} GiB on the host" in line
     if mode != "t2v_apg":  # a source video's passes do not fit whole: in runs of tokens, or one at a time
-        assert chosen.chunk_tokens or not chosen.batch_combos
+        assert chosen.chunk_tokens or not chosen.batch_passes
 
 
 @pytest.mark.parametrize("mode", ["t2v_apg", "v2v_apg", "rv2v"])
@@ -405,7 +405,7 @@ def test_the_cli_refuses_with_the_message_and_no_traceback(config: str, tmp_path
 def test_forward_estimates_cover_the_allocations_of_the_model_code(mode: str, batched: bool, chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Counted on meta tensors with two A14B blocks (a forward's peak is inside one block): chunked forwards within 15%
     of the estimate and never above it; whole ones below it (the GPU holds 20% more there than this count, measured)."""
-    load = sizes.workload_of([case_480p(mode)], batch_combos=batched)
+    load = sizes.workload_of([case_480p(mode)], batch_passes=batched)
     rows = load.tokens if batched else load.unbatched_tokens
     passes = rows // load.longest
     cfg = dataclasses.replace(TransformerConfig(), num_layers=2)
@@ -477,7 +477,7 @@ def test_cuda_the_peak_stays_within_the_plans_estimate(mode: str, batched: bool,
     from bernini import attention
 
     attention.select_backend("auto", "cuda")
-    load = sizes.workload_of([case_480p(mode)], batch_combos=batched)
+    load = sizes.workload_of([case_480p(mode)], batch_passes=batched)
     rows = load.tokens if batched else load.unbatched_tokens
     model = a14b_layers(2)
     model.chunk_tokens = chunk

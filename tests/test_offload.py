@@ -343,16 +343,16 @@ def test_a_24_gb_card_runs_v2v_with_the_guidance_passes_one_at_a_time() -> None:
         return plan_memory(a14b_sizes(), V2V_APG_480P, dtype="bfloat16", gpu_free=gpu_gib * GiB, host_free=HOST, **kwargs)  # type: ignore[arg-type]
 
     small = v2v(23)
-    assert small.fits and small.offload == "block" and not small.batch_combos and small.text_encoder == "visit"
-    assert "guidance passes one at a time" in small.describe() and small.to_info()["batch_combos"] is False
+    assert small.fits and small.offload == "block" and not small.batch_passes and small.text_encoder == "visit"
+    assert "guidance passes one at a time" in small.describe() and small.to_info()["batch_passes"] is False
     assert any("for batched guidance passes" in tip for tip in small.faster)
     assert small.peak_bytes <= 23 * GiB  # the same tokens per forward as 480p t2v with its pair batched, and the source's kept
-    assert v2v(200).batch_combos and v2v(200).offload == "none"  # room: batched, nothing moves
-    refused = v2v(23, batch_combos=False)  # --no-batch_combos: never batched, and no tip to batch
-    assert not refused.batch_combos and not any("batched" in tip for tip in refused.faster)
+    assert v2v(200).batch_passes and v2v(200).offload == "none"  # room: batched, nothing moves
+    refused = v2v(23, batch_passes=False)  # --no-batch_passes: never batched, and no tip to batch
+    assert not refused.batch_passes and not any("batched" in tip for tip in refused.faster)
 
 
 def test_the_renderer_follows_the_plans_batching(config: str, monkeypatch: pytest.MonkeyPatch) -> None:
     real = offload.plan_for_run
-    monkeypatch.setattr(offload, "plan_for_run", lambda *a, **k: dataclasses.replace(real(*a, **k), batch_combos=False))
-    assert load(config).runtime.batch_combos is False
+    monkeypatch.setattr(offload, "plan_for_run", lambda *a, **k: dataclasses.replace(real(*a, **k), batch_passes=False))
+    assert load(config).runtime.batch_passes is False

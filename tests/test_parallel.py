@@ -15,10 +15,10 @@ import torch
 from processes import free_port
 
 from bernini.guidance import I_C, I_U, NONE_C, NONE_U, V_U, VI_C, VI_U
-from bernini.parallel import CfgCombos, LaunchEnv, Topology, assign_cases, assign_combos, balance, build_topology
+from bernini.parallel import CfgPasses, LaunchEnv, Topology, assign_cases, assign_passes, balance, build_topology
 from bernini.parallel.status import GroupStatus
 from bernini.parallel.ulysses import pad_sequence, padded_length
-from bernini.sampling import LocalCombos
+from bernini.sampling import LocalPasses
 
 ROOT = Path(__file__).resolve().parents[1]
 DIST = ROOT / "tests" / "dist"
@@ -92,22 +92,22 @@ def test_balance_is_longest_first_and_deterministic() -> None:
     assert balance([], 2) == []
 
 
-def test_assign_combos_balances_rv2v_lengths() -> None:
+def test_assign_passes_balances_rv2v_lengths() -> None:
     work = [(NONE_U, 45), (V_U, 90), (VI_U, 110), (VI_C, 110)]
-    table = assign_combos(work, 2)
+    table = assign_passes(work, 2)
     assert table == [[V_U, VI_U], [NONE_U, VI_C]]  # 200 vs 155 tokens; VI·u and VI·c never share a group
-    assert assign_combos([(NONE_U, 45), (I_U, 105), (I_C, 105)], 2) == [[NONE_U, I_U], [I_C]]
-    assert assign_combos([(VI_U, 9), (VI_C, 9)], 4) == [[VI_U], [VI_C], [], []]
+    assert assign_passes([(NONE_U, 45), (I_U, 105), (I_C, 105)], 2) == [[NONE_U, I_U], [I_C]]
+    assert assign_passes([(VI_U, 9), (VI_C, 9)], 4) == [[VI_U], [VI_C], [], []]
 
 
-def test_cfg_of_one_is_local_combos() -> None:
+def test_cfg_of_one_is_local_passes() -> None:
     work = [(NONE_U, 12), (NONE_C, 12)]
-    combos = CfgCombos(1, 0, None, torch.device("cpu"), torch.float32)
-    assert combos.select(work) == LocalCombos().select(work)
+    passes = CfgPasses(1, 0, None, torch.device("cpu"), torch.float32)
+    assert passes.select(work) == LocalPasses().select(work)
     preds = {NONE_U: torch.zeros(1, 12, 4), NONE_C: torch.ones(1, 12, 4)}
-    assert combos.exchange(preds, (NONE_U, NONE_C)) is preds
+    assert passes.exchange(preds, (NONE_U, NONE_C)) is preds
     with pytest.raises(ValueError, match="CFG parallel of 2 groups needs a process group"):
-        CfgCombos(2, 0, None, torch.device("cpu"), torch.float32)
+        CfgPasses(2, 0, None, torch.device("cpu"), torch.float32)
 
 
 def test_assign_cases_by_cost_not_round_robin() -> None:
@@ -125,11 +125,11 @@ def test_a_rank_plans_memory_for_its_share_of_the_forward() -> None:
 
     src = MediaPlan("s.mp4", "video", 81, 848, 480, (21, 30, 53))
     v2v = CasePlan("c", "v2v", "v2v_apg", 81, 848, 480, 16.0, (21, 30, 53), "o.mp4", (src,), 2, (66780, 66780), 40)
-    whole = member_workload([v2v], Topology(0, 1, 1, 1), batch_combos=True)
+    whole = member_workload([v2v], Topology(0, 1, 1, 1), batch_passes=True)
     assert (whole.tokens, whole.unbatched_tokens) == (133560, 66780)
-    ulysses = member_workload([v2v], Topology(0, 4, 4, 1), batch_combos=True)  # every sequence split 4 ways
+    ulysses = member_workload([v2v], Topology(0, 4, 4, 1), batch_passes=True)  # every sequence split 4 ways
     assert (ulysses.tokens, ulysses.unbatched_tokens) == (33390, 16695)
-    cfg = member_workload([v2v], Topology(0, 4, 2, 2), batch_combos=True)  # one pass per CFG rank, split 2 ways
+    cfg = member_workload([v2v], Topology(0, 4, 2, 2), batch_passes=True)  # one pass per CFG rank, split 2 ways
     assert (cfg.tokens, cfg.unbatched_tokens) == (33390, 33390) and cfg.pixels == whole.pixels
 
 

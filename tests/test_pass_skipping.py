@@ -1,7 +1,7 @@
 """Guidance passes of zero weight are not run, and the result still equals the full formula.
 
 The expected pass sets below are derived by hand from each mode's formula (the docstring of
-bernini.guidance.active_combos states the rule); the expected values come from a float64 numpy
+bernini.guidance.active_passes states the rule); the expected values come from a float64 numpy
 evaluation of the full formula in which the skipped passes hold large random values.
 """
 
@@ -17,7 +17,7 @@ import torch
 
 from bernini.cases import load_case_file
 from bernini.config import GenerationSettings, RuntimeConfig
-from bernini.guidance import APGSettings, GuidanceScales, active_combos, combine, get_mode, new_state
+from bernini.guidance import APGSettings, GuidanceScales, active_passes, combine, get_mode, new_state
 from bernini.pipeline import Renderer
 from bernini.sampling import SamplingPlan, plan_steps
 from bernini.testing import tiny_checkpoints
@@ -119,13 +119,13 @@ def ref_step(mode_name: str, e: dict[str, np.ndarray], x_t: np.ndarray, sigma: f
 
 def random_passes(mode_name: str, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    preds = {str(c): torch.randn(B, L, C, generator=gen) for c in get_mode(mode_name).combos}
+    preds = {str(c): torch.randn(B, L, C, generator=gen) for c in get_mode(mode_name).passes}
     return preds, torch.randn(B, L, C, generator=gen)
 
 
 @pytest.mark.parametrize(("mode_name", "scales", "apg", "expected"), CASES_TABLE)
 def test_passes_of_zero_weight_drop_out_as_derived(mode_name: str, scales: GuidanceScales, apg: APGSettings, expected: set[str]) -> None:
-    assert {str(c) for c in active_combos(get_mode(mode_name), scales, apg)} == expected
+    assert {str(c) for c in active_passes(get_mode(mode_name), scales, apg)} == expected
 
 
 @pytest.mark.parametrize(("mode_name", "scales", "apg", "expected"), CASES_TABLE)
@@ -137,7 +137,7 @@ def test_skipped_passes_do_not_change_the_result(mode_name: str, scales: Guidanc
     for name in full:
         if name not in expected:
             full[name] = full[name] * 1e3 + 7.0  # a skipped pass may hold anything
-    given = {c: preds[str(c)] for c in mode.combos if str(c) in expected}
+    given = {c: preds[str(c)] for c in mode.passes if str(c) in expected}
     out = combine(mode, given, x_t, 0.6, T, scales, apg, new_state(mode))
     reference = ref_step(mode_name, full, x_t.double().numpy(), 0.6, scales, apg, {})
     err = np.abs(out.double().numpy() - reference).max() / np.abs(reference).max()
@@ -147,7 +147,7 @@ def test_skipped_passes_do_not_change_the_result(mode_name: str, scales: Guidanc
 def test_a_needed_pass_cannot_be_left_out() -> None:
     mode = get_mode("rv2v")
     preds, x_t = random_passes("rv2v", seed=1)
-    given = {c: preds[str(c)] for c in mode.combos if str(c) != "none·u"}
+    given = {c: preds[str(c)] for c in mode.passes if str(c) != "none·u"}
     with pytest.raises(ValueError, match=r"missing prediction\(s\) none·u"):
         combine(mode, given, x_t, 0.5, T, S(1.25, 4.5, 4.0), APGSettings(), new_state(mode))
 
@@ -191,7 +191,7 @@ def test_euler_steps_of_zero_dt_run_nothing_and_unipc_steps_always_run() -> None
 
 # --------------------------------------------------------------------------- whole renders on the tiny checkpoint
 
-RUNTIME = RuntimeConfig(device="cpu", dtype="float32", attention="sdpa", batch_combos=True)
+RUNTIME = RuntimeConfig(device="cpu", dtype="float32", attention="sdpa", batch_passes=True)
 SMALL = GenerationSettings(num_inference_steps=4, max_image_size=64, num_frames=5, height=32, width=48)
 
 
@@ -249,7 +249,7 @@ def test_renders_skip_passes_and_equal_the_full_computation(renderer: Renderer, 
         restore()
     assert skipped.info["expert_steps"] == {"high": 2, "low": 2}
     assert skipped_rows == sum(passes)
-    assert full_rows == 4 * len(get_mode(skipped.plan.guidance_mode).combos)
+    assert full_rows == 4 * len(get_mode(skipped.plan.guidance_mode).passes)
     torch.testing.assert_close(skipped.latent, full.latent, rtol=1e-5, atol=1e-5)
     assert [p for run in skipped.plan.passes for p in [len(run.passes)] * (run.steps[1] - run.steps[0] + 1)] == passes  # the dry run says so
 

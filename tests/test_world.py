@@ -46,7 +46,7 @@ def test_cfg_parallel_2_gives_each_rank_its_own_guidance_passes(tiny: Path, tmp_
     # each group keeps the mode's order.
     expected = [["V·u", "VI·u"], ["none·u", "VI·c"]]
     for rank, report in ranks.items():
-        assert report["cfg_index"] == rank and report["passes"] == "CfgCombos" and report["sequence"] == "LocalSequence"
+        assert report["cfg_index"] == rank and report["passes"] == "CfgPasses" and report["sequence"] == "LocalSequence"
         assert report["table"] == expected, f"rank {rank}"
     assert set(expected[0]).isdisjoint(expected[1]) and set(expected[0]) | set(expected[1]) == {"none·u", "V·u", "VI·u", "VI·c"}
     assert (ranks[0]["decodes"], ranks[1]["decodes"]) == (True, False)  # only the group leader decodes and returns frames

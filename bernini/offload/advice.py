@@ -19,7 +19,7 @@ class MemoryFlags:
     offload: str
     t5_cpu: bool
     vae_tiling: bool | None
-    batch_combos: bool
+    batch_passes: bool
     weights: str
     stored: str | None
 
@@ -33,7 +33,7 @@ def faster_options(
     room: Room,
     t5_cpu: bool,
     fits: bool | None,
-    batch_combos: bool = True,
+    batch_passes: bool = True,
     stored: str | None = None,
 ) -> tuple[str, ...]:
     """What would make a fitting run faster: memory to free, or flags."""
@@ -48,14 +48,14 @@ def faster_options(
         tips.append(_shortfall(judge, replace(chosen, text="visit"), what))
     if chosen.tiling:
         tips.append(_shortfall(judge, replace(chosen, tiling=False), "an untiled VAE"))
-    if batch_combos and not chosen.batch:
+    if batch_passes and not chosen.batch:
         tips.append(_shortfall(judge, replace(chosen, batch=True, chunk=0), "batched guidance passes"))
     if chosen.chunk:
         tips.append(_shortfall(judge, replace(chosen, chunk=0), "whole-sequence activations"))
     if weights_format == "bf16":
         fp8 = Judge(sizes, load, dtype, weight_sizes(sizes, dtype, "fp8"), room)
         for files, how in ((stored, ""), ("fp8", f" from experts converted once ({CONVERT})")):
-            better = fp8.first([o for o in candidates("auto", t5_cpu, chosen.tiling, batch_combos, files == "fp8") if o.cost < chosen.cost])
+            better = fp8.first([o for o in candidates("auto", t5_cpu, chosen.tiling, batch_passes, files == "fp8") if o.cost < chosen.cost])
             if better is not None:
                 tips.append(f"--weights fp8 (lossy){how} fits {_name(better)}")
                 break
@@ -86,7 +86,7 @@ def nearest_settings(sizes: ModelSizes, load: Workload, dtype: str, room: Room, 
     (fp8 together with a smaller size or fewer frames when no single change fits)."""
     def fits(weights: str, stored: str | None, work: Workload = load, **forced: Any) -> Option | None:
         judge = Judge(sizes, work, dtype, weight_sizes(sizes, dtype, weights), room)
-        allowed = dict(offload=flags.offload, t5_cpu=flags.t5_cpu, vae_tiling=flags.vae_tiling, batch_combos=flags.batch_combos) | forced
+        allowed = dict(offload=flags.offload, t5_cpu=flags.t5_cpu, vae_tiling=flags.vae_tiling, batch_passes=flags.batch_passes) | forced
         return judge.first(candidates(streamable=stored == weights, **allowed))
 
     def smaller(weights: str, stored: str | None) -> list[str]:
@@ -102,11 +102,11 @@ def nearest_settings(sizes: ModelSizes, load: Workload, dtype: str, room: Room, 
 
     convert = CONVERT
     judge = Judge(sizes, load, dtype, weight_sizes(sizes, dtype, flags.weights), room)
-    leanest = min(candidates(flags.offload, flags.t5_cpu, flags.vae_tiling, flags.batch_combos, flags.stored == flags.weights), key=lambda o: (judge.gpu(o), judge.host(o)))
+    leanest = min(candidates(flags.offload, flags.t5_cpu, flags.vae_tiling, flags.batch_passes, flags.stored == flags.weights), key=lambda o: (judge.gpu(o), judge.host(o)))
     tips = [_shortfall(judge, leanest, _name(leanest))]
-    freed = fits(flags.weights, flags.stored, offload="auto", t5_cpu=False, vae_tiling=None, batch_combos=True)
-    if freed is not None and (flags.offload != "auto" or flags.t5_cpu or flags.vae_tiling is not None or not flags.batch_combos):
-        tips.append(f"{_name(freed)}: leave --offload, --t5_cpu, --vae_tiling and --batch_combos to the plan")
+    freed = fits(flags.weights, flags.stored, offload="auto", t5_cpu=False, vae_tiling=None, batch_passes=True)
+    if freed is not None and (flags.offload != "auto" or flags.t5_cpu or flags.vae_tiling is not None or not flags.batch_passes):
+        tips.append(f"{_name(freed)}: leave --offload, --t5_cpu, --vae_tiling and --batch_passes to the plan")
     fp8 = flags.weights == "bf16" or flags.stored != "fp8"
     if flags.weights == "bf16" and fits("fp8", flags.stored):
         tips.append("--weights fp8 (lossy)")

@@ -144,7 +144,7 @@ def host_need(ws: WeightSizes, option: Option, blocks: int = 0) -> float:
     return sz.HOST_RESERVE + experts + ws.text_encoder
 
 
-def candidates(offload: str, t5_cpu: bool, vae_tiling: bool | None, batch_combos: bool = True, streamable: bool = True) -> list[Option]:
+def candidates(offload: str, t5_cpu: bool, vae_tiling: bool | None, batch_passes: bool = True, streamable: bool = True) -> list[Option]:
     """Every placement the flags allow, cheapest first (ties in the order offload, host, text, batching, chunking, tiling).
 
     UMT5 never stays on the GPU (its memory is worth more to experts and activations than one pinned copy per case).
@@ -153,7 +153,7 @@ def candidates(offload: str, t5_cpu: bool, vae_tiling: bool | None, batch_combos
     """
     offloads = OFFLOADS if offload == "auto" else (offload,)
     tilings = (False, True) if vae_tiling is None else (vae_tiling,)
-    batches = (True, False) if batch_combos else (False,)
+    batches = (True, False) if batch_passes else (False,)
     texts = ("cpu",) if t5_cpu else TEXT_PLACES  # 1024 tokens through UMT5-XXL on the CPU: tens of seconds a case
     options = []
     for o in offloads:

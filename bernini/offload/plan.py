@@ -51,7 +51,7 @@ class MemoryPlan:
     chosen_by: str  # auto | forced
     on_gpu: bool = True
     faster: tuple[str, ...] = ()
-    batch_combos: bool = True  # False: the guidance passes run one at a time because batched ones would not fit
+    batch_passes: bool = True  # False: the guidance passes run one at a time because batched ones would not fit
     chunk_tokens: int = 0  # > 0: the DiT runs its activations in runs of this many tokens (exact)
     host: str = "pinned"  # block plan: pinned | one | disk (see HOST_PLACES)
     host_blocks: int = 0  # host one/disk: pinned block buffers
@@ -80,7 +80,7 @@ class MemoryPlan:
                 else f"faster: {'; '.join(self.faster) or 'nothing to gain'}")
         return (
             f"memory plan: {self.offload} ({self._what()}); weights {self.weights}; text encoder {_TEXT_WORDS[self.text_encoder]}; "
-            f"VAE {'tiled' if self.vae_tiling else 'untiled'}; guidance passes {'batched' if self.batch_combos else 'one at a time'}; activations {chunks}; "
+            f"VAE {'tiled' if self.vae_tiling else 'untiled'}; guidance passes {'batched' if self.batch_passes else 'one at a time'}; activations {chunks}; "
             f"expected peak {self.peak_bytes / GiB:.1f} GiB{phases} of {budget} GiB on the GPU, {self.host_bytes / GiB:.1f} GiB of {host} GiB on the host; "
             f"expected cost +{self.cost:.0f}% time ({self.chosen_by}){verdict}; {tips}"
         )
@@ -113,7 +113,7 @@ class MemoryPlan:
             "weights": self.weights,
             "text_encoder": self.text_encoder,
             "vae_tiling": self.vae_tiling,
-            "batch_combos": self.batch_combos,
+            "batch_passes": self.batch_passes,
             "chunk_tokens": self.chunk_tokens,
             "host": self.host,
             "host_blocks": self.host_blocks,
@@ -171,14 +171,14 @@ def plan_memory(
     gpu_free: float | None = None,
     host_free: float | None = None,
     max_gpu_memory: float | None = None,
-    batch_combos: bool = True,
+    batch_passes: bool = True,
     host_memory: float | None = None,
     stored: str | None = None,
     transforms: bool = False,
 ) -> MemoryPlan:
     """The cheapest placement that fits the free memory (offload='auto'), or the forced one, with its numbers.
 
-    batch_combos=False (--no-batch_combos) keeps the passes one at a time; True lets the plan unbatch them to fit.
+    batch_passes=False (--no-batch_passes) keeps the passes one at a time; True lets the plan unbatch them to fit.
     host_memory: --host_memory GiB (the machine's RAM; the plan keeps OS_RESERVE of it free). stored: what the expert
     files hold ("bf16": a checkpoint, "fp8": `bernini convert --weights fp8` output, None: unknown, every expert stays pinned).
     transforms: the weights change at load (LoRAs merged, --fp8_gemm conversions), so no block is read back from the files.
@@ -200,17 +200,17 @@ def plan_memory(
     chosen_by = "auto" if offload == "auto" else "forced"
     if not on_gpu:
         mode = "none" if offload == "auto" else offload
-        work = max(sz.denoise_bytes(load, sizes, sz.DTYPE_BYTES[dtype], batch_combos), sz.vae_bytes(load.pixels, load.frames, sizes))
+        work = max(sz.denoise_bytes(load, sizes, sz.DTYPE_BYTES[dtype], batch_passes), sz.vae_bytes(load.pixels, load.frames, sizes))
         host = ws.experts * ws.expert + ws.text_encoder + ws.vae + work + sz.HOST_RESERVE
         fits = fits_in(host, host_free)
         nearest = (f"free {(host - host_free) / GiB:.1f} GiB of host memory (everything runs in it on the CPU)",) if fits is False and host_free is not None else ()
         return MemoryPlan(mode, weights_format, "cpu", bool(vae_tiling), ws.experts, ws.expert, 0.0, 0.0, None,
-                          host, host_free, fits, chosen_by, on_gpu=False, batch_combos=batch_combos, nearest=nearest)
+                          host, host_free, fits, chosen_by, on_gpu=False, batch_passes=batch_passes, nearest=nearest)
     budget = gpu_budget(gpu_free, max_gpu_memory)
     capped = max_gpu_memory is not None and (gpu_free is None or max_gpu_memory * GiB < gpu_free)
     room = Room(None if budget is None else budget * (1 - HEADROOM), host_free, capped)
     judge = Judge(sizes, load, dtype, ws, room)
-    options = candidates(offload, t5_cpu, vae_tiling, batch_combos, stored == weights_format)
+    options = candidates(offload, t5_cpu, vae_tiling, batch_passes, stored == weights_format)
     verdicts = [judge.viable(o) for o in options]
     index = next((i for i, v in enumerate(verdicts) if v), None)
     if index is None:  # free memory unknown: the cheapest not known to fail; nothing fits: the leanest
@@ -222,11 +222,11 @@ def plan_memory(
     prefetch = prefetch_bytes(ws, sizes, load, dtype, option, room.gpu)
     peak = max(phases.peak, switch_need(ws, sizes, load, dtype, option) + prefetch)
     fits = verdicts[index]
-    flags = MemoryFlags(offload, t5_cpu, vae_tiling, batch_combos, weights_format, stored)
+    flags = MemoryFlags(offload, t5_cpu, vae_tiling, batch_passes, weights_format, stored)
     nearest = nearest_settings(sizes, load, dtype, room, flags) if fits is False else ()
-    faster = nearest or faster_options(sizes, load, dtype, weights_format, option, room, t5_cpu, fits, batch_combos, stored)
+    faster = nearest or faster_options(sizes, load, dtype, weights_format, option, room, t5_cpu, fits, batch_passes, stored)
     return MemoryPlan(option.offload, weights_format, option.text, option.tiling, ws.experts, ws.expert, prefetch, peak, budget,
-                      judge.host(option), host_free, fits, chosen_by, faster=faster, batch_combos=option.batch, chunk_tokens=option.chunk,
+                      judge.host(option), host_free, fits, chosen_by, faster=faster, batch_passes=option.batch, chunk_tokens=option.chunk,
                       host=option.host, host_blocks=pool_blocks(ws, option, room.host), phases=phases, cost=option.cost, nearest=nearest)
 
 
@@ -263,7 +263,7 @@ def plan_for_run(
         gpu_free=sz.gpu_free_bytes(str(device)),
         host_free=host_share(sz.host_free_bytes(), runtime.host_ranks),
         max_gpu_memory=runtime.max_gpu_memory,
-        batch_combos=runtime.batch_combos,
+        batch_passes=runtime.batch_passes,
         host_memory=None if host_memory is None else host_memory / max(runtime.host_ranks, 1),
         stored=stored,
         transforms=bool(getattr(runtime, "loras", ())) or (runtime.weights == "bf16" and getattr(runtime, "fp8_gemm", "off") != "off"),

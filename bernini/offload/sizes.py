@@ -153,14 +153,14 @@ class Workload:
                         tok(self.conditions), int(self.source_pixels * area), frames or self.source_frames, int(self.max_side * factor))
 
 
-def workload_of(plans: Sequence[CasePlan], batch_combos: bool = True) -> Workload:
-    """The largest case's forward: equal-length passes run as one batch (--batch_combos), its longest pass, what it keeps."""
+def workload_of(plans: Sequence[CasePlan], batch_passes: bool = True) -> Workload:
+    """The largest case's forward: equal-length passes run as one batch (--batch_passes), its longest pass, what it keeps."""
     tokens = single = pixels = target = conditions = source_pixels = source_frames = side = 0
     frames = 1
     for p in plans:
         groups = Counter(p.tokens_per_forward)
         single = max(single, max(p.tokens_per_forward))
-        tokens = max(tokens, max(n * count for n, count in groups.items()) if batch_combos else max(p.tokens_per_forward))
+        tokens = max(tokens, max(n * count for n, count in groups.items()) if batch_passes else max(p.tokens_per_forward))
         case_target = p.grid[0] * p.grid[1] * p.grid[2]
         target = max(target, case_target)
         conditions = max(conditions, sum(n - case_target for n in groups))  # one layout per length: each embeds its sources once

@@ -4,7 +4,7 @@ Exports what callers outside the package use. `bernini.parallel.runner` is the t
 (infer_multi_gpu.py) and is imported as a module; tests of one helper import it from its module.
 """
 
-from bernini.parallel.cfg import CfgCombos, assign_combos
+from bernini.parallel.cfg import CfgPasses, assign_passes
 from bernini.parallel.groups import (
     LaunchEnv,
     Topology,
@@ -19,7 +19,7 @@ from bernini.parallel.ulysses import UlyssesSequence
 from bernini.parallel.world import DistWorld, assign_cases, device_for, expert_heads, placement_for
 
 __all__ = [
-    "CfgCombos", "DistPeers", "DistWorld", "LaunchEnv", "LocalPeers", "Peers", "Topology", "UlyssesSequence",
-    "all_gather_into", "assign_cases", "assign_combos", "balance", "build_topology", "destroy_distributed",
+    "CfgPasses", "DistPeers", "DistWorld", "LaunchEnv", "LocalPeers", "Peers", "Topology", "UlyssesSequence",
+    "all_gather_into", "assign_cases", "assign_passes", "balance", "build_topology", "destroy_distributed",
     "device_for", "expert_heads", "init_distributed", "placement_for",
 ]

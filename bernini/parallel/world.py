@@ -19,7 +19,7 @@ import torch.distributed as dist
 from bernini.config import GenerationSettings, RuntimeConfig
 from bernini.models import LocalSequence
 from bernini.offload.sizes import Workload, workload_of
-from bernini.parallel.cfg import CfgCombos
+from bernini.parallel.cfg import CfgPasses
 from bernini.parallel.groups import Groups, LaunchEnv, Topology, balance
 from bernini.parallel.status import GroupRender, GroupStatus, StopFlag
 from bernini.parallel.ulysses import UlyssesSequence
@@ -88,9 +88,9 @@ def format_shares(planned: Planned, topology: Topology) -> str:
     return "\n".join(lines)
 
 
-def member_workload(plans: Sequence[CasePlan], topology: Topology, batch_combos: bool) -> Workload:
+def member_workload(plans: Sequence[CasePlan], topology: Topology, batch_passes: bool) -> Workload:
     """What one rank holds of the largest forward: CFG parallel splits the passes, Ulysses every sequence."""
-    whole = workload_of(plans, batch_combos)
+    whole = workload_of(plans, batch_passes)
 
     def shard(tokens: int) -> int:
         return -(-tokens // topology.ulysses)
@@ -104,7 +104,7 @@ def placement_for(topology: Topology, groups: Groups, runtime: RuntimeConfig) ->
     from bernini.pipeline import Placement, torch_dtype
 
     sequence = UlyssesSequence(groups.ulysses) if groups.ulysses is not None else LocalSequence()
-    passes = CfgCombos(topology.cfg, topology.cfg_index, groups.cfg, torch.device(runtime.device), torch_dtype(runtime.dtype))
+    passes = CfgPasses(topology.cfg, topology.cfg_index, groups.cfg, torch.device(runtime.device), torch_dtype(runtime.dtype))
     return Placement(sequence, passes, decodes=topology.is_leader)
 
 
@@ -124,8 +124,8 @@ def load_member(sources: ModelSources, runtime: RuntimeConfig, topology: Topolog
         error = _logged(exc)
     failure = GroupStatus.first(status.errors(error))
     if failure is None and plan is not None:
-        if status.any(not plan.batch_combos):
-            plan = dataclasses.replace(plan, batch_combos=False)
+        if status.any(not plan.batch_passes):
+            plan = dataclasses.replace(plan, batch_passes=False)
         renderer = None
         try:
             renderer = Renderer.load(sources, runtime, workload, placement=placement_for(topology, groups, runtime), memory_plan=plan)
@@ -225,7 +225,7 @@ class DistWorld:
         from bernini.engine import Engine
 
         runtime = dataclasses.replace(runtime, device=str(self.device), host_ranks=self.host_ranks)
-        workload = member_workload(plans, self.topology, runtime.batch_combos) if plans else None
+        workload = member_workload(plans, self.topology, runtime.batch_passes) if plans else None
         renderer, failure = load_member(sources, runtime, self.topology, self.groups, workload)
         if renderer is None:
             raise LoadFailure(failure)

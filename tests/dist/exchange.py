@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from bernini.guidance import I_C, I_U, NONE_U
 from bernini.models import LocalSequence
-from bernini.parallel import CfgCombos
+from bernini.parallel import CfgPasses
 from bernini.parallel import LaunchEnv, build_topology, destroy_distributed, init_distributed
 from bernini.parallel import UlyssesSequence
 
@@ -32,15 +32,15 @@ def check_ulysses(sequence: UlyssesSequence, device: torch.device, dtype: torch.
         assert got.shape == want.shape and err <= tol, f"Ulysses L={length} {dtype}: max error {err}"
 
 
-def check_cfg(combos: CfgCombos, device: torch.device, dtype: torch.dtype) -> None:
+def check_cfg(passes: CfgPasses, device: torch.device, dtype: torch.dtype) -> None:
     work = [(NONE_U, 45), (I_U, 105), (I_C, 105)]
     truth = {c: torch.full((1, 45, 64), float(i + 1), device=device, dtype=dtype) for i, (c, _) in enumerate(work)}
-    mine = combos.select(work)
-    got = combos.exchange({c: truth[c] for c in mine}, tuple(c for c, _ in work))
+    mine = passes.select(work)
+    got = passes.exchange({c: truth[c] for c in mine}, tuple(c for c, _ in work))
     assert all(torch.equal(got[c], truth[c]) for c in truth), "CFG exchange returned wrong predictions"
-    single = [(I_C, 105)]  # fewer combos than cfg groups: an idle group still takes part
-    mine = combos.select(single)
-    got = combos.exchange({c: truth[c] for c in mine}, (I_C,))
+    single = [(I_C, 105)]  # fewer passes than cfg groups: an idle group still takes part
+    mine = passes.select(single)
+    got = passes.exchange({c: truth[c] for c in mine}, (I_C,))
     assert torch.equal(got[I_C], truth[I_C]), "CFG exchange with an idle group failed"
 
 
@@ -62,7 +62,7 @@ def main() -> int:
             check_ulysses(sequence, device, torch.float32, 1e-5)
             check_ulysses(sequence, device, torch.bfloat16, 2e-2)
         for dtype in (torch.float32, torch.bfloat16):
-            check_cfg(CfgCombos(topology.cfg, topology.cfg_index, groups.cfg, device, dtype), device, dtype)
+            check_cfg(CfgPasses(topology.cfg, topology.cfg_index, groups.cfg, device, dtype), device, dtype)
         dist.barrier(group=groups.control)
         print(f"OK rank {topology.rank}", flush=True)
     finally:

@@ -21,11 +21,11 @@ def install(rank: int, out: Path) -> None:
 
     def unbatched_here(*args, **kwargs):
         plan = plan_for_run(*args, **kwargs)
-        return dataclasses.replace(plan, batch_combos=False) if me == rank else plan
+        return dataclasses.replace(plan, batch_passes=False) if me == rank else plan
 
     def recorded(*args, **kwargs):
         renderer, failure = load_member(*args, **kwargs)
-        (out / f"batch_{me}").write_text(str(None if renderer is None else renderer.runtime.batch_combos))
+        (out / f"batch_{me}").write_text(str(None if renderer is None else renderer.runtime.batch_passes))
         return renderer, failure
 
     offload.plan_for_run, world.load_member = unbatched_here, recorded
