@@ -190,6 +190,13 @@ def hide_flags(parser: argparse.ArgumentParser, dests: tuple[str, ...]) -> None:
             action.help = argparse.SUPPRESS
 
 
+def refuse_batch_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, instead: str) -> None:
+    """A long-lived server (the demo, the job server) takes each case from its requests: a batch flag is an error."""
+    for dest in BATCH_ONLY:
+        if getattr(args, dest) != parser.get_default(dest):
+            parser.error(f"--{dest} is a batch flag of infer_single_gpu.py; {instead}")
+
+
 def settings_from(args: argparse.Namespace) -> GenerationSettings:
     if args.guidance_mode in PLANNER_ONLY_MODES:
         raise ValueError(f"--guidance_mode {args.guidance_mode} belongs to the full Bernini planner; the renderer supports: {', '.join(GUIDANCE_MODES)}")

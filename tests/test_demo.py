@@ -93,9 +93,10 @@ def test_main_refuses_to_start_public_without_auth(config: str, monkeypatch: pyt
     assert "--listen would let anyone" in capsys.readouterr().err  # main() logs to stderr
 
 
-def test_batch_flags_are_refused() -> None:
+def test_batch_flags_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         demo.parse_args(["--case", "assets/testcases/t2i.json"])
+    assert "--case is a batch flag of infer_single_gpu.py; in the demo the browser gives the task" in capsys.readouterr().err
 
 
 def test_launch_serves_only_the_save_dir(tmp_path: Path) -> None:

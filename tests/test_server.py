@@ -525,15 +525,17 @@ def test_any_host_but_localhost_needs_the_token() -> None:
     assert "s3cret" not in repr(auth.access_for("0.0.0.0", 8000, {"BERNINI_API_TOKEN": "s3cret"}))
 
 
-def test_serve_refuses_a_public_host_before_loading(config: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_serve_refuses_a_public_host_before_loading(config: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(Renderer, "load", classmethod(refuse))
     monkeypatch.delenv("BERNINI_API_TOKEN", raising=False)
     assert launch.main(["--config", config, "--host", "0.0.0.0", "--data_dir", str(tmp_path), *TINY]) == 2
+    capsys.readouterr()
     with pytest.raises(SystemExit):
         launch.parse_args(["--case", "assets/testcases"])
+    assert "--case is a batch flag of infer_single_gpu.py; a job server takes the task" in capsys.readouterr().err
 
 
 @pytest.fixture()

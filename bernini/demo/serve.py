@@ -14,7 +14,7 @@ import gradio as gr
 import torch
 
 from bernini.batch import make_enhancer
-from bernini.cli import BATCH_ONLY, hide_flags, runtime_from, settings_from
+from bernini.cli import BATCH_ONLY, hide_flags, refuse_batch_flags, runtime_from, settings_from
 from bernini.config import GenerationSettings, RuntimeConfig
 from bernini.demo.page import build_app
 from bernini.demo.service import DemoService, JobRunner
@@ -70,9 +70,7 @@ def build_parser(prog: str = "gradio_demo.py") -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None, prog: str = "gradio_demo.py") -> argparse.Namespace:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
-    for dest in BATCH_ONLY:
-        if getattr(args, dest) != parser.get_default(dest):
-            parser.error(f"--{dest} is a batch flag of infer_single_gpu.py; in the demo the browser gives the task, prompt and media")
+    refuse_batch_flags(parser, args, "in the demo the browser gives the task, prompt and media")
     return args
 
 

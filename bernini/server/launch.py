@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from bernini.cli import BATCH_ONLY, hide_flags, runtime_from, settings_from
+from bernini.cli import BATCH_ONLY, hide_flags, refuse_batch_flags, runtime_from, settings_from
 from bernini.config import GenerationSettings, RuntimeConfig
 from bernini.parallel import (
     DistPeers,
@@ -60,9 +60,7 @@ def build_parser(prog: str = "bernini serve") -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None, prog: str = "bernini serve") -> argparse.Namespace:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
-    for dest in BATCH_ONLY:
-        if getattr(args, dest) != parser.get_default(dest):
-            parser.error(f"--{dest} is a batch flag of infer_single_gpu.py; a job server takes the task, prompt and media from each request")
+    refuse_batch_flags(parser, args, "a job server takes the task, prompt and media from each request")
     if args.use_pe:
         parser.error("--use_pe is not supported by the job server yet; enhance prompts first with `infer_single_gpu.py --use_pe --pe_only`")
     return args
