@@ -330,3 +330,14 @@ def test_one_rank_running_passes_one_at_a_time_makes_its_whole_group_do_so(tiny:
     run_ok([torchrun(2, DIST / "unbatch_on_rank.py", "1", str(out), "--", *args)])
     assert [(out / f"batch_{r}").read_text() for r in (0, 1)] == ["False", "False"]
     assert summary_of(out)["exit_code"] == 0
+
+
+def test_a_server_group_is_one_model_group(tiny: Path) -> None:
+    from bernini.parallel import serving_topology
+    from bernini.pipeline import resolve_sources
+
+    sources = resolve_sources(str(tiny), None, None)
+    assert serving_topology(env(4, 4), 2, 2, sources, "the demo renders each request").model_size == 4
+    with pytest.raises(ValueError, match=re.escape("the demo renders each request with every rank: launch --nproc-per-node 2 "
+                                                   "(--ulysses x --cfg_parallel = 2 x 1), not WORLD_SIZE 4")):
+        serving_topology(env(4, 4), 2, 1, sources, "the demo renders each request")

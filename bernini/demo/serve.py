@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
-import torch
 
 from bernini.batch import make_enhancer
 from bernini.cli import BATCH_ONLY, hide_flags, refuse_batch_flags, runtime_from, settings_from
@@ -24,12 +23,8 @@ from bernini.parallel import (
     DistWorld,
     LaunchEnv,
     LocalPeers,
-    Topology,
-    build_topology,
-    destroy_distributed,
     device_for,
-    expert_heads,
-    init_distributed,
+    serving_topology,
 )
 from bernini.parallel.runner import build_parser as multi_gpu_parser
 from bernini.parallel.runner import launch_env
@@ -197,37 +192,20 @@ def serve_single(args: argparse.Namespace, access: Access, sources: ModelSources
     return serve_page(args, access, runner, switch_loras)
 
 
-def group_topology(args: argparse.Namespace, env: LaunchEnv, sources: ModelSources) -> Topology:
-    topology = build_topology(env, args.ulysses, args.cfg_parallel, expert_heads(sources))
-    if topology.dp != 1:
-        raise ValueError(
-            f"the demo renders each request with every rank: launch --nproc-per-node {topology.model_size} "
-            f"(--ulysses x --cfg_parallel = {args.ulysses} x {args.cfg_parallel}), not WORLD_SIZE {env.world_size}"
-        )
-    return topology
-
-
 def serve_group(args: argparse.Namespace, access: Access, sources: ModelSources, runtime: RuntimeConfig, env: LaunchEnv) -> int:
     """torchrun: every rank loads its part; rank 0 serves the page and shares each request."""
-    topology = group_topology(args, env, sources)
-    device = device_for(args.device, env)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    groups = init_distributed(topology, env, device, args.dist_timeout)
-    try:
-        world = DistWorld(topology, groups, device, env.local_world_size)
+    topology = serving_topology(env, args.ulysses, args.cfg_parallel, sources, "the demo renders each request")
+    with DistWorld.started(topology, env, device_for(args.device, env), args.dist_timeout) as world:
         try:
             engine = world.load(sources, runtime, base_settings(args), model_identity(sources), [])
         except LoadFailure as exc:  # on every rank: all of them heard of it
             log.error("the demo cannot start: %s", exc)
             return 2
-        runner = JobRunner(Session(engine, world), DistPeers(groups))
+        runner = JobRunner(Session(engine, world), DistPeers(world.groups))
         if topology.rank == 0:
             return serve_page(args, access, runner)
         runner.serve_peer()
         return 0
-    finally:
-        destroy_distributed()
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "gradio_demo.py") -> int:

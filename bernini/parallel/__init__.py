@@ -16,10 +16,10 @@ from bernini.parallel.groups import (
 )
 from bernini.parallel.peers import DistPeers, LocalPeers, Peers
 from bernini.parallel.ulysses import UlyssesSequence
-from bernini.parallel.world import DistWorld, assign_cases, device_for, expert_heads, placement_for
+from bernini.parallel.world import DistWorld, assign_cases, device_for, expert_heads, placement_for, serving_topology
 
 __all__ = [
     "CfgPasses", "DistPeers", "DistWorld", "LaunchEnv", "LocalPeers", "Peers", "Topology", "UlyssesSequence",
     "all_gather_into", "assign_cases", "assign_passes", "balance", "build_topology", "destroy_distributed",
-    "device_for", "expert_heads", "init_distributed", "placement_for",
+    "device_for", "expert_heads", "init_distributed", "placement_for", "serving_topology",
 ]

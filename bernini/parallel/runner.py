@@ -13,7 +13,7 @@ from bernini import driver
 from bernini.cli import build_parser as build_cli_parser
 from bernini.cli import configure_logging
 from bernini.main import report, request_from
-from bernini.parallel.groups import LaunchEnv, Topology, build_topology, destroy_distributed, init_distributed
+from bernini.parallel.groups import LaunchEnv, Topology, build_topology
 from bernini.parallel.world import DistWorld, device_for, expert_heads
 from bernini.runner import LogProgress
 
@@ -70,14 +70,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "infer_multi_gpu.py") ->
         return 2
     if topology.is_leader and not args.verbose:
         logging.getLogger().setLevel(logging.INFO)  # every model group's progress, not only rank 0's
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    groups = init_distributed(topology, env, device, args.dist_timeout)
-    try:
-        world = DistWorld(topology, groups, device, env.local_world_size)
+    with DistWorld.started(topology, env, device, args.dist_timeout) as world:
         outcome = driver.run(request, world, progress=LogProgress(), sources=sources)
-    finally:
-        destroy_distributed()
     if topology.rank == 0:
         report(outcome, args.log_format)
     return outcome.exit_code

@@ -6,11 +6,12 @@ here, whether it decodes), agreed on before any model loads.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
@@ -20,7 +21,7 @@ from bernini.config import GenerationSettings, RuntimeConfig
 from bernini.models import LocalSequence
 from bernini.offload.sizes import Workload, workload_of
 from bernini.parallel.cfg import CfgPasses
-from bernini.parallel.groups import Groups, LaunchEnv, Topology, balance
+from bernini.parallel.groups import Groups, LaunchEnv, Topology, balance, build_topology, destroy_distributed, init_distributed
 from bernini.parallel.status import GroupRender, GroupStatus, StopFlag
 from bernini.parallel.ulysses import UlyssesSequence
 from bernini.plan import CasePlan
@@ -69,6 +70,18 @@ def device_for(name: str, env: LaunchEnv) -> torch.device:
 
 
 # ---------------------------------------------------------------- shares and placement
+
+
+def serving_topology(env: LaunchEnv, ulysses: int, cfg_parallel: int, sources: ModelSources, renders: str) -> Topology:
+    """One model group over every rank, for a long-lived server (the demo, the job server) that renders each request
+    with all of them; ``renders`` starts the refusal ("the demo renders each request")."""
+    topology = build_topology(env, ulysses, cfg_parallel, expert_heads(sources))
+    if topology.dp != 1:
+        raise ValueError(
+            f"{renders} with every rank: launch --nproc-per-node {topology.model_size} "
+            f"(--ulysses x --cfg_parallel = {ulysses} x {cfg_parallel}), not WORLD_SIZE {env.world_size}"
+        )
+    return topology
 
 
 def assign_cases(plans: Sequence[CasePlan], groups: int) -> list[list[int]]:
@@ -165,6 +178,18 @@ class DistWorld:
         self.host_ranks = host_ranks  # processes sharing this host's RAM: each plans with its share
         self.status = GroupStatus(groups.model, topology.model_size)
         self._stop: StopFlag | None = None
+
+    @classmethod
+    @contextlib.contextmanager
+    def started(cls, topology: Topology, env: LaunchEnv, device: torch.device, timeout: float) -> Iterator[DistWorld]:
+        """This rank's device and torchrun's process groups, torn down on the way out (errors included)."""
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        groups = init_distributed(topology, env, device, timeout)
+        try:
+            yield cls(topology, groups, device, env.local_world_size)
+        finally:
+            destroy_distributed()
 
     @property
     def rank(self) -> int:

@@ -11,8 +11,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from bernini.cli import BATCH_ONLY, hide_flags, refuse_batch_flags, runtime_from, settings_from
 from bernini.config import GenerationSettings, RuntimeConfig
 from bernini.parallel import (
@@ -20,12 +18,8 @@ from bernini.parallel import (
     DistWorld,
     LaunchEnv,
     LocalPeers,
-    Topology,
-    build_topology,
-    destroy_distributed,
     device_for,
-    expert_heads,
-    init_distributed,
+    serving_topology,
 )
 from bernini.parallel.runner import build_parser as multi_gpu_parser
 from bernini.parallel.runner import launch_env
@@ -141,40 +135,24 @@ def serve_single(args: argparse.Namespace, access: Access, sock: socket.socket, 
     return serve(args, access, sock, JobRenderer(Session(engine), LocalPeers()), settings, sources)
 
 
-def group_topology(args: argparse.Namespace, env: LaunchEnv, sources: Any) -> Topology:
-    topology = build_topology(env, args.ulysses, args.cfg_parallel, expert_heads(sources))
-    if topology.dp != 1:
-        raise ValueError(
-            f"the job server renders each job with every rank: launch --nproc-per-node {topology.model_size} "
-            f"(--ulysses x --cfg_parallel = {args.ulysses} x {args.cfg_parallel}), not WORLD_SIZE {env.world_size}"
-        )
-    return topology
-
-
 def serve_group(args: argparse.Namespace, access: Access, sources: Any, runtime: RuntimeConfig, settings: GenerationSettings, env: LaunchEnv) -> int:
     """torchrun: every rank loads its part; rank 0 serves HTTP and shares each job; the others render with it."""
-    topology = group_topology(args, env, sources)
+    topology = serving_topology(env, args.ulysses, args.cfg_parallel, sources, "the job server renders each job")
     device = device_for(args.device, env)
     sock = bind(access) if topology.rank == 0 else None
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    groups = init_distributed(topology, env, device, args.dist_timeout)
-    try:
+    with DistWorld.started(topology, env, device, args.dist_timeout) as world:
         from bernini.driver import Session
 
-        world = DistWorld(topology, groups, device, env.local_world_size)
         try:
             engine = world.load(sources, runtime, settings, model_identity(sources), [])
         except LoadFailure as exc:  # on every rank: all of them heard of it
             log.error("the job server cannot start: %s", exc)
             return 2
-        renderer = JobRenderer(Session(engine, world), DistPeers(groups))
+        renderer = JobRenderer(Session(engine, world), DistPeers(world.groups))
         if sock is not None:
             return serve(args, access, sock, renderer, settings, sources)
         renderer.serve_peer()
         return 0
-    finally:
-        destroy_distributed()
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "bernini serve") -> int:
