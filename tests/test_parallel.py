@@ -302,9 +302,16 @@ def test_dry_run_prints_the_plan_and_group_shares_once(tiny: Path, tmp_path: Pat
 
 def test_bad_degrees_stop_every_rank_before_any_collective(tiny: Path, tmp_path: Path) -> None:
     args = ["--config", str(tiny), "--case", str(CASES / "t2v"), *TINY_FLAGS, "--output_dir", str(tmp_path), "--ulysses", "2", "--cfg_parallel", "2"]
-    result = launch([torchrun(2, ROOT / "infer_multi_gpu.py", *args)], timeout=60)[0]
-    assert result.returncode != 0
-    assert result.stdout.count("WORLD_SIZE 2 is not a multiple of --cfg_parallel x --ulysses = 2 x 2 = 4") == 2  # both ranks say why
+    # The two ranks started as torchrun starts them, but without torchrun: it ends the other workers as soon as one
+    # exits, so whether the slower rank got to say why was a race. Each must stop on its own, before any collective
+    # (a rank that waited for its peer would hang until the timeout).
+    port = free_port()
+    commands = [["env", f"RANK={rank}", f"LOCAL_RANK={rank}", "WORLD_SIZE=2", "LOCAL_WORLD_SIZE=2", "MASTER_ADDR=127.0.0.1",
+                 f"MASTER_PORT={port}", sys.executable, str(ROOT / "infer_multi_gpu.py"), *args] for rank in (0, 1)]
+    results = launch(commands, timeout=60)
+    for rank, result in enumerate(results):
+        assert result.returncode == 2, result.stdout[-2000:]
+        assert "WORLD_SIZE 2 is not a multiple of --cfg_parallel x --ulysses = 2 x 2 = 4" in result.stdout, rank  # each rank says why
 
 
 def test_failure_on_one_rank_fails_its_case_on_the_whole_group(tiny: Path, tmp_path: Path) -> None:
